@@ -1,0 +1,87 @@
+"""Pure-torch Philox4x32-10, bit-identical to Triton's ``tl.rand(seed, offset)``.
+
+The LoRA kernels never store a dropout mask: they regenerate it from a per-call seed. This module is the
+specification of that mask, so the reference backend (and every test) reproduces the exact mask a Triton
+kernel draws, on any device.
+
+Semantics (Triton 3.x ``triton/language/random.py``)::
+
+    counter = (offset_lo, offset_hi, 0, 0)      # offset = m * cols + k, int64 split into two uint32 words
+    key     = (seed_lo, seed_hi)                # seed int64 split into two uint32 words
+    10 rounds:  c0' = hi(RB*c2) ^ c1 ^ k0 ; c2' = hi(RA*c0) ^ c3 ^ k1 ; c1' = lo(RB*c2) ; c3' = lo(RA*c0)
+                k0 += KA ; k1 += KB                   (all mod 2**32)
+    u = int32(c0) ; u = ~u if u < 0 ; uniform = u * 4.6566127342e-10   (float32, in [0, 1))
+    keep[m, k] = uniform >= p
+
+All arithmetic is done in int64 tensors masked to 32 bits, so it runs on CPU and CUDA alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_N_ROUNDS = 10
+# Triton's uint_to_uniform_float scale for 32-bit words: the largest value with INT32_MAX * scale < 1.0.
+_UNIFORM_SCALE = 4.6566127342e-10
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product a * b, with a a 32-bit constant and b uint32 in int64."""
+    # Split b into 16-bit halves so that every partial product fits in int64 without overflow.
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    p_lo = a * b_lo  # < 2**48
+    p_hi = a * b_hi  # < 2**48
+    # a*b = p_hi * 2**16 + p_lo
+    lo_full = (p_lo & _MASK32) + ((p_hi & 0xFFFF) << 16)
+    lo = lo_full & _MASK32
+    carry = lo_full >> 32
+    hi = ((p_lo >> 32) + (p_hi >> 16) + carry) & _MASK32
+    return hi, lo
+
+
+def philox_uniform(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Tensor:
+    """uniform[i] = tl.rand(seed, offsets[i]) as float32.
+
+    Args:
+        seed: int64 scalar (Python int or a one-element tensor).
+        offsets: int64 tensor of any shape, values >= 0.
+    Returns: float32 tensor with the shape of ``offsets``.
+    """
+    offsets = offsets.to(torch.int64)
+    if isinstance(seed, torch.Tensor):
+        seed_t = seed.reshape(()).to(device=offsets.device, dtype=torch.int64)
+    else:
+        seed_t = torch.tensor(seed, dtype=torch.int64, device=offsets.device)
+    # seed.to(uint64) then split: the bit pattern of a negative int64 seed is kept.
+    k0 = seed_t & _MASK32
+    k1 = (seed_t >> 32) & _MASK32
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(_N_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    as_int32 = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    as_int32 = torch.where(as_int32 < 0, -as_int32 - 1, as_int32)  # ~x for negative x
+    return as_int32.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def lora_dropout_mask(seed: torch.Tensor | int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """keep[m, k] = philox_uniform(seed, m * cols + k) >= p, shape [rows, cols], bool.
+
+    The offset depends only on the logical coordinate, so a kernel with any tiling regenerates the same mask.
+    """
+    if device is None:
+        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
+    offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).reshape(rows, cols)
+    return philox_uniform(seed, offsets) >= p

@@ -1,0 +1,124 @@
+"""Reference LoRA linear: the specification of ``lora_linear_fwd`` / ``lora_linear_bwd``.
+
+Semantics (n active adapters, a = 1..n)::
+
+    x̂_a = m_a ⊙ x / (1 - p_a)          m_a = lora_dropout_mask(seed_a, M, K, p_a); x̂_a = x when p_a == 0
+    S_a = x̂_a · A_aᵀ                   [M, r_a], kept in acc_a = promote_types(A_a.dtype, float32)
+    y   = x · Wᵀ + b + Σ_a s_a · (S_a · B_aᵀ + b_Ba)        [M, N], dtype of x
+
+Backward (W frozen, dW is the autograd Function's business)::
+
+    dS_a = s_a · dY · B_a               [M, r_a]   (acc_a)
+    dB_a = s_a · dYᵀ · S_a              [N, r_a]   (dtype of B_a)
+    dA_a = dS_aᵀ · x̂_a                  [r_a, K]   (dtype of A_a)
+    dx   = dY · W + Σ_a m_a ⊙ (dS_a · A_a) / (1 - p_a)      [M, K], dtype of x
+
+Memory traffic of this eager reference with p = 0 and matching dtypes: the base ``addmm`` plus one ``mm`` for
+S (reads x, 2MK bytes in bf16) and one in-place ``addmm_`` into y (reads and writes y, 4MN): no M×N
+temporaries. With p > 0 it materializes x̂ (an M×K temporary) which the fused kernels never do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dropout import lora_dropout_mask
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _dropped_input(x: torch.Tensor, dtype: torch.dtype, p: float, seeds, index: int) -> torch.Tensor:
+    """x̂ in ``dtype``: x cast (no copy when equal), then masked and rescaled when p > 0."""
+    x_cast = x.to(dtype)
+    if p == 0.0:
+        return x_cast
+    keep = lora_dropout_mask(seeds[index], x.shape[0], x.shape[1], p, device=x.device)
+    return x_cast * keep.to(dtype) * (1.0 / (1.0 - p))
+
+
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    lora_b_bias: list[torch.Tensor | None],
+    scaling: list[float],
+    dropout_p: list[float],
+    seeds: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """y = x·Wᵀ + b + Σ_a s_a·(x̂_a·A_aᵀ·B_aᵀ + b_Ba); returns (y, [S_a]).
+
+    Args:
+        x: (M, K), any strides.
+        weight: (N, K), any strides (a GPT-2 Conv1D weight arrives as its transposed view).
+        bias: (N,) or None.
+        lora_a: n tensors (r_a, K).  lora_b: n tensors (N, r_a).  lora_b_bias: n tensors (N,) or None.
+        scaling, dropout_p: n floats.  seeds: int64 (n,) or None when every p is 0.
+    Accumulates in promote_types(dtype, float32); y has x's dtype, S_a has acc_a.
+    """
+    y = torch.nn.functional.linear(x, weight, bias)
+    saved_s = []
+    for index, (a, b, b_bias, s, p) in enumerate(zip(lora_a, lora_b, lora_b_bias, scaling, dropout_p)):
+        acc = _acc_dtype(a.dtype)
+        x_hat = _dropped_input(x, a.dtype, p, seeds, index)
+        shrink = torch.mm(x_hat, a.t()).to(acc)  # [M, r]
+        saved_s.append(shrink)
+        if b.dtype == y.dtype and shrink.dtype == y.dtype:
+            # Same dtype: accumulate the expand into y in place, no M×N temporary.
+            y.addmm_(shrink, b.t(), alpha=s)
+            if b_bias is not None:
+                y.add_(b_bias, alpha=s)
+        else:
+            # Mixed precision (fp32 adapters on a 16-bit base, PEFT's default): add in acc, round once.
+            update = torch.mm(shrink, b.t().to(acc))
+            if b_bias is not None:
+                update.add_(b_bias.to(acc))
+            y = torch.add(y.to(acc), update, alpha=s).to(y.dtype)
+    return y, saved_s
+
+
+def lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    saved_s: list[torch.Tensor],
+    scaling: list[float],
+    dropout_p: list[float],
+    seeds: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+    """(dx, [dA_a], [dB_a]) of lora_linear_fwd; see the module docstring.
+
+    Args:
+        dy: (M, N).  x, weight, lora_a, lora_b, scaling, dropout_p, seeds: as in the forward.
+        saved_s: the forward's [S_a], (M, r_a) in acc_a.
+        output_mask: [need dx, need the adapter gradients]; what is not needed is not computed
+            (dx None, lists empty).
+    dx has x's dtype; dA_a, dB_a the dtypes of A_a, B_a.
+    """
+    need_dx, need_adapters = output_mask
+    dx = torch.mm(dy, weight.to(dy.dtype)).to(x.dtype) if need_dx else None
+    d_lora_a, d_lora_b = [], []
+    for index, (a, b, shrink, s, p) in enumerate(zip(lora_a, lora_b, saved_s, scaling, dropout_p)):
+        acc = _acc_dtype(a.dtype)
+        dy_acc = dy.to(acc)
+        d_shrink = torch.mm(dy_acc, b.to(acc)).mul_(s)  # [M, r]
+        if need_adapters:
+            d_lora_b.append(torch.mm(dy_acc.t(), shrink).mul_(s).to(b.dtype))  # [N, r]
+            x_hat = _dropped_input(x, acc, p, seeds, index)
+            d_lora_a.append(torch.mm(d_shrink.t(), x_hat).to(a.dtype))  # [r, K]
+        if need_dx:
+            if p == 0.0 and dx.dtype == acc:
+                dx.addmm_(d_shrink, a)
+            else:
+                dx_lora = torch.mm(d_shrink, a.to(acc))  # [M, K]
+                if p != 0.0:
+                    keep = lora_dropout_mask(seeds[index], x.shape[0], x.shape[1], p, device=x.device)
+                    dx_lora = dx_lora * keep.to(acc) * (1.0 / (1.0 - p))
+                dx = torch.add(dx.to(acc), dx_lora).to(x.dtype)
+    return dx, d_lora_a, d_lora_b

@@ -1,0 +1,45 @@
+"""The Triton backend: the only package of peft_kernels that imports ``triton``.
+
+Available when triton imports and either a CUDA device is visible or ``TRITON_INTERPRET=1`` is set (then it
+runs on CPU tensors, for tests, and only when forced with ``backend="triton"``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+# op name -> module under backends/triton/ that defines a function of the same name
+_OP_MODULES: dict[str, str] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if interpreting():
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False); set TRITON_INTERPRET=1 to run on CPU"
+    return None
+
+
+def get_impl(op_name: str):
+    module = importlib.import_module(f"{__name__}.{_OP_MODULES[op_name]}")
+    return getattr(module, op_name)
+
+
+def not_supported_reasons(op_name: str, *args) -> list[str]:
+    if op_name not in _OP_MODULES:
+        return [f"no Triton kernel for {op_name} yet"]
+    module = importlib.import_module(f"{__name__}.{_OP_MODULES[op_name]}")
+    return module.not_supported_reasons(op_name, *args)
