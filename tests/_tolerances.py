@@ -1,0 +1,71 @@
+"""The one tolerance table of the test suite. No other file sets atol/rtol.
+
+Kernel rule (flash-attention's): an output is close to the truth when
+
+    max|out - truth| <= 2 * max|eager - truth| + floor * max|truth|
+
+where ``truth`` is the reference upcast (fp64 for fp32 kernels, fp32 for 16-bit ones) and ``eager`` the same
+reference run in the kernel's dtype. The factor 2 allows a different (not worse-in-kind) accumulation order;
+the floor covers outputs whose eager error is zero by luck (tiny K, exact products).
+
+Contract tolerances compare two implementations of the same math in the same dtype (peft_kernels vs PEFT, or
+a model before and after an operation), so they are absolute/relative pairs, each justified below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# floor * max|truth| per kernel dtype (KERNELS.md §11): about 8-10 ulps of the format at unit scale.
+KERNEL_FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+
+# (atol, rtol) for comparing two fp32 computations of the same function that sum in different orders
+# (fused addmm_ vs PEFT's separate ops): fp32 eps 1.2e-7 times a few hundred terms of O(1) magnitude.
+FP32_SAME_MATH = (1e-5, 1e-5)
+# PEFT's own merge/unmerge tests use atol=rtol=1e-4: merging moves ΔW into W and re-rounds every weight.
+MERGE = (1e-4, 1e-4)
+# bf16/fp16 models compared across implementations: one extra rounding of a 16-bit output (eps 7.8e-3 bf16).
+HALF_SAME_MATH = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# Exact equality expected (same ops, same order): disabled adapters vs base, reload vs save.
+EXACT = (0.0, 0.0)
+# int8 weight-only output against unquantized fp32 weights: signal-to-quantization-noise floor in dB.
+# Measured ~41 dB at 4096x4096 and ~44 dB at 123x431 on Gaussian weights (KERNELS.md §6); 35 leaves margin.
+INT8_MIN_SQNR_DB = 35.0
+# int8 merge vs unmerged, compared in softmax space as PEFT's GPU test does (re-quantization error).
+INT8_MERGE_SOFTMAX = (1e-3, 1.0)
+
+
+def truth_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def kernel_error_bound(eager: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype) -> float:
+    truth = truth.to(torch.float64)
+    eager_err = (eager.to(torch.float64) - truth).abs().max().item() if eager.numel() else 0.0
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    return 2.0 * eager_err + KERNEL_FLOOR[dtype] * scale
+
+
+def assert_close_to_ref(out: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, name=""):
+    """The 2x rule above; ``dtype`` is the kernel's compute dtype (selects the floor)."""
+    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    err = (out.to(torch.float64) - truth.to(torch.float64)).abs().max().item() if out.numel() else 0.0
+    bound = kernel_error_bound(eager, truth, dtype)
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (2x eager error + floor)"
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: tuple[float, float], name=""):
+    atol, rtol = tol
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
+    """10·log10(‖signal‖² / ‖signal − approx‖²) (torchao's compute_error)."""
+    s = signal.to(torch.float64)
+    noise = (s - approx.to(torch.float64)).pow(2).sum()
+    return float(10.0 * torch.log10(s.pow(2).sum() / noise.clamp_min(1e-300)))

@@ -1,0 +1,28 @@
+import importlib.util
+import os
+
+import pytest
+import torch
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    skip_oracle = pytest.mark.skip(reason="peft 0.21.2 (the test oracle) is not installed; pip install -e .[test]")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "oracle" in item.keywords and not HAS_PEFT:
+            item.add_marker(skip_oracle)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
