@@ -1,0 +1,437 @@
+"""LoRA layers with PEFT's attribute names; the forward is one call into ``peft_kernels.ops``.
+
+``Linear`` wraps ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight stored (in, out); flagged by
+``fan_in_fan_out``). Its forward for the active adapters is ``ops.lora_linear_multi`` — base GEMM plus every
+low-rank update in one op, dropout regenerated from a seed — whenever the base layer is a plain linear map;
+anything else (hooks, subclasses, extra forward arguments, mixed-adapter batches) runs PEFT's eager formula.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ._base import BaseTunerLayer, check_adapters_to_merge
+
+
+def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, recognised without importing transformers into layers/.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class LoraLayer(BaseTunerLayer):
+    """Per-adapter state of a LoRA layer, under PEFT's names (checkpoints and user code reach them)."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r = {}
+        self.lora_alpha = {}
+        self.scaling = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_embedding_A = nn.ParameterDict({})
+        self.lora_embedding_B = nn.ParameterDict({})
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.use_rslora = {}
+        self.use_dora = {}
+        self.lora_bias = {}
+        self.lora_variant = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._caches = {}
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        elif _is_conv1d(base):
+            in_features, out_features = base.weight.shape
+        elif isinstance(base, nn.Embedding):
+            in_features, out_features = base.num_embeddings, base.embedding_dim
+        elif hasattr(base, "in_features") and hasattr(base, "out_features"):
+            in_features, out_features = base.in_features, base.out_features
+        else:
+            raise NotImplementedError(f"peft_kernels LoRA does not support base layers of type {type(base)}")
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: Union[bool, str],
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        inference_mode: bool = False,
+    ) -> None:
+        """Adds adapter ``adapter_name``: A (r, in), B (out, r), dropout, scaling = alpha/r (or alpha/√r)."""
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout should be in [0, 1), got {lora_dropout}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+        self.lora_bias[adapter_name] = lora_bias
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = use_rslora
+        self.use_dora[adapter_name] = False
+        if init_lora_weights:
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
+        """True: A ~ kaiming_uniform(a=√5), B = 0; "gaussian": A ~ N(0, 1/r), B = 0 (an exact no-op at init)."""
+        if adapter_name in self.lora_A:
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            elif str(init_lora_weights).lower() == "gaussian":
+                nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+            else:
+                raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}")
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+            if self.lora_bias[adapter_name]:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
+        if adapter_name in self.lora_embedding_A:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter not in self.scaling:
+            return
+        r = self.r[adapter]
+        base = self.lora_alpha[adapter] / (math.sqrt(r) if self.use_rslora[adapter] else r)
+        self.scaling[adapter] = scale * base
+
+    def scale_layer(self, scale: float) -> None:
+        if scale == 1:
+            return
+        for active_adapter in self.active_adapters:
+            if active_adapter in self.lora_A or active_adapter in self.lora_embedding_A:
+                self.scaling[active_adapter] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        for active_adapter in self.active_adapters:
+            if active_adapter not in self.lora_A and active_adapter not in self.lora_embedding_A:
+                continue
+            if scale is None:
+                self.set_scale(active_adapter, 1.0)
+            else:
+                self.scaling[active_adapter] /= scale
+
+    def _check_forward_args(self, x: torch.Tensor, *args, **kwargs) -> None:
+        adapter_names = kwargs.get("adapter_names", None)
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.")
+
+    def _eager_lora_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """PEFT's formula for one adapter: B(A(dropout(x))) · s, in the adapter dtype."""
+        lora_a = self.lora_A[adapter]
+        x = x.to(lora_a.weight.dtype)
+        return self.lora_B[adapter](lora_a(self.lora_dropout[adapter](x))) * self.scaling[adapter]
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        """Row i uses adapter adapter_names[i] ("__base__": none). Eval-only; eager."""
+        result = self.base_layer(x, *args, **kwargs)
+        torch_result_dtype = result.dtype
+        for adapter in set(adapter_names):
+            if adapter == "__base__" or adapter not in self.lora_A:
+                continue
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter]
+            update = self._eager_lora_update(x[rows], adapter)
+            result[rows] += update.to(torch_result_dtype)
+        return result
+
+
+class Linear(nn.Module, LoraLayer):
+    """LoRA over ``nn.Linear`` / ``Conv1D``: y = base(x) + Σ_a s_a·B_a A_a dropout_a(x)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        is_target_conv_1d_layer: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        inference_mode: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias, inference_mode
+        )
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW = transpose(B·A, fan_in_fan_out)·s, computed in fp32 for 16-bit weights on CPU."""
+        weight_b = self.lora_B[adapter].weight
+        weight_a = self.lora_A[adapter].weight
+        dtype = weight_b.dtype
+        cast_to_fp32 = weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast_to_fp32:
+            weight_a, weight_b = weight_a.float(), weight_b.float()
+        delta = transpose(weight_b @ weight_a, self.fan_in_fan_out) * self.scaling[adapter]
+        return delta.to(dtype) if cast_to_fp32 else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W += ΔW_a for each adapter (and b += s·b_B with lora_bias); ``safe_merge`` checks finiteness first."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base_layer = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.lora_A:
+                continue
+            delta = self.get_delta_weight(adapter)
+            if safe_merge:
+                merged = base_layer.weight.data.clone()
+                merged += delta.to(merged.dtype)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                new_bias = None
+                if self.lora_bias[adapter]:
+                    new_bias = base_layer.bias + self.lora_B[adapter].bias * self.scaling[adapter]
+                    if not torch.isfinite(new_bias).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
+                        )
+                base_layer.weight.data = merged
+                if new_bias is not None:
+                    base_layer.bias.data = new_bias.to(base_layer.bias.dtype)
+            else:
+                base_layer.weight.data += delta.to(base_layer.weight.dtype)
+                if self.lora_bias[adapter]:
+                    base_layer.bias.data += (self.lora_B[adapter].bias * self.scaling[adapter]).to(
+                        base_layer.bias.dtype
+                    )
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """W -= ΔW_a in reverse merge order."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
+                if self.lora_bias[adapter]:
+                    base_layer.bias.data -= (self.lora_B[adapter].bias * self.scaling[adapter]).to(
+                        base_layer.bias.dtype
+                    )
+
+    def _fused_path_ok(self, base_layer: nn.Module, args, kwargs) -> bool:
+        """The op computes exactly what the base layer's forward would: a plain, hook-free linear map."""
+        if args or kwargs:
+            return False
+        if not (type(base_layer) is nn.Linear or _is_conv1d(base_layer)):
+            return False
+        if base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"):
+            return False
+        return True
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        base_layer = self.base_layer
+        if not active:
+            return base_layer(x, *args, **kwargs)
+        if not self._fused_path_ok(base_layer, args, kwargs):
+            result = base_layer(x, *args, **kwargs)
+            torch_result_dtype = result.dtype
+            for adapter in active:
+                result = result + self._eager_lora_update(x, adapter)
+            return result.to(torch_result_dtype)
+        return self._fused_forward(x, base_layer, active)
+
+    def _fused_forward(self, x: torch.Tensor, base_layer: nn.Module, active: list[str]) -> torch.Tensor:
+        # Conv1D stores W as (in, out); its transposed view is the (out, in) weight the op expects, no copy.
+        weight = base_layer.weight.t() if _is_conv1d(base_layer) else base_layer.weight
+        bias = base_layer.bias
+        lora_a = [self.lora_A[a].weight for a in active]
+        lora_b = [self.lora_B[a].weight for a in active]
+        lora_b_bias = [self.lora_B[a].bias for a in active]
+        if torch.is_autocast_enabled(x.device.type):
+            # Reproduce autocast's F.linear: every operand in the autocast dtype.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            lora_a = [t.to(dtype) for t in lora_a]
+            lora_b = [t.to(dtype) for t in lora_b]
+            lora_b_bias = [t.to(dtype) if t is not None else None for t in lora_b_bias]
+        dropouts = [self.lora_dropout[a] for a in active]
+        dropout_p = [d.p if isinstance(d, nn.Dropout) else 0.0 for d in dropouts]
+        training = any(isinstance(d, nn.Dropout) and d.training for d in dropouts)
+        return ops.lora_linear_multi(
+            x, weight, bias, lora_a, lora_b, lora_b_bias, [self.scaling[a] for a in active], dropout_p, training
+        )
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Embedding(nn.Module, LoraLayer):
+    """LoRA over ``nn.Embedding``: y = E[x] + s · (A_ᵀ[x]) · Bᵀ with A (r, num_embeddings), B (dim, r)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        init_lora_weights: Union[bool, str] = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        inference_mode: bool = False,
+        **kwargs,
+    ) -> None:
+        if lora_bias:
+            raise ValueError(f"lora_bias={lora_bias} is not supported for {self.__class__.__name__}.")
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias, inference_mode
+        )
+
+    def update_layer(
+        self, adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora=False, lora_bias=False,
+        inference_mode=False,
+    ) -> None:
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout should be in [0, 1), got {lora_dropout}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        # PEFT creates the dropout module for embeddings but never applies it; kept for identical state.
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn((r, self.in_features)))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn((self.out_features, r)))
+        self.lora_bias[adapter_name] = False
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = use_rslora
+        self.use_dora[adapter_name] = False
+        if init_lora_weights:
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        weight_a = self.lora_embedding_A[adapter]
+        weight_b = self.lora_embedding_B[adapter]
+        dtype = weight_b.dtype
+        cast_to_fp32 = weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast_to_fp32:
+            weight_a, weight_b = weight_a.float(), weight_b.float()
+        delta = transpose(weight_b @ weight_a, True) * self.scaling[adapter]
+        return delta.to(dtype) if cast_to_fp32 else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_layer = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.lora_embedding_A:
+                continue
+            delta = self.get_delta_weight(adapter).to(base_layer.weight.dtype)
+            if safe_merge:
+                merged = base_layer.weight.data.clone() + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                base_layer.weight.data = merged
+            else:
+                base_layer.weight.data += delta
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_embedding_A:
+                base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(
+            x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+        )
+
+    def _embedding_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        after_a = self._embed(x, self.lora_embedding_A[adapter].T)
+        return (after_a @ self.lora_embedding_B[adapter].T) * self.scaling[adapter]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        torch_result_dtype = result.dtype
+        if adapter_names is not None:
+            for adapter in set(adapter_names):
+                if adapter == "__base__" or adapter not in self.lora_embedding_A:
+                    continue
+                rows = [i for i, name in enumerate(adapter_names) if name == adapter]
+                result[rows] += self._embedding_update(x[rows], adapter).to(torch_result_dtype)
+            return result
+        for adapter in self.active_adapters:
+            if adapter in self.lora_embedding_A:
+                result = result + self._embedding_update(x, adapter)
+        return result.to(torch_result_dtype)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()

@@ -1,0 +1,14 @@
+from .config import LoftQConfig, LoraConfig, LoraRuntimeConfig
+from .layer import Embedding, Linear, LoraLayer
+from .model import LoraModel
+
+__all__ = ["Embedding", "Linear", "LoftQConfig", "LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig"]
+
+
+def __getattr__(name):
+    # Linear8bitLt needs nothing optional to import, but loads lazily to keep `import peft_kernels` light.
+    if name == "Linear8bitLt":
+        from ...layers.lora_int8 import Linear8bitLt
+
+        return Linear8bitLt
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
+
+__all__ = ["PromptEncoderConfig", "PromptEncoderReparameterizationType"]

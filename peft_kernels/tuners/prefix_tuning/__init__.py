@@ -1,0 +1,3 @@
+from .config import PrefixTuningConfig
+
+__all__ = ["PrefixTuningConfig"]

@@ -1,0 +1,3 @@
+from .config import PromptTuningConfig, PromptTuningInit
+
+__all__ = ["PromptTuningConfig", "PromptTuningInit"]

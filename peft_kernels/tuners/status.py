@@ -1,0 +1,138 @@
+"""get_layer_status / get_model_status: what each tuner layer holds and whether it is merged or enabled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import torch
+
+from ..layers._base import BaseTunerLayer
+
+
+@dataclass
+class TunerLayerStatus:
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+
+
+@dataclass
+class TunerModelStatus:
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: Union[bool, Literal["irregular"]]
+    active_adapters: Union[list[str], Literal["irregular"]]
+    merged_adapters: Union[list[str], Literal["irregular"]]
+    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _base_of(model):
+    from ..peft_model import PeftModel
+
+    if isinstance(model, PeftModel):
+        if model._is_prompt_learning:
+            raise TypeError("get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption "
+                            "prompt are not supported.")
+        return model.base_model.model
+    if isinstance(model, torch.nn.Module) and hasattr(model, "model") and hasattr(model, "peft_config"):
+        return model.model
+    return model
+
+
+def get_layer_status(model: Any) -> list[TunerLayerStatus]:
+    base = _base_of(model)
+    rows = []
+    for name, module in base.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        requires_grad: dict[str, Any] = {}
+        devices: dict[str, list[str]] = {}
+        for layer_name in module.adapter_layer_names:
+            container = getattr(module, layer_name)
+            for key, item in container.items():
+                params = [item] if isinstance(item, torch.nn.Parameter) else list(item.parameters())
+                flags = {p.requires_grad for p in params}
+                if flags:
+                    prev = requires_grad.get(key)
+                    value = flags.pop() if len(flags) == 1 else "irregular"
+                    requires_grad[key] = value if prev in (None, value) else "irregular"
+                devices.setdefault(key, [])
+                for p in params:
+                    if p.device.type not in devices[key]:
+                        devices[key].append(p.device.type)
+        rows.append(
+            TunerLayerStatus(
+                name=name,
+                module_type=repr(module).partition("(")[0],
+                enabled=not module.disable_adapters,
+                active_adapters=module.active_adapters,
+                merged_adapters=list(module.merged_adapters),
+                requires_grad=requires_grad,
+                available_adapters=sorted(module._get_available_adapters()),
+                devices=devices,
+            )
+        )
+    if not rows:
+        raise ValueError("No adapter layers found in the model.")
+    return rows
+
+
+def _agg(values):
+    first = values[0]
+    return first if all(v == first for v in values) else "irregular"
+
+
+def get_model_status(model: Any) -> TunerModelStatus:
+    from ..peft_model import PeftModel
+
+    base = _base_of(model)
+    layers = get_layer_status(model)
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+        peft_types = {k: str(v.peft_type.value if hasattr(v.peft_type, "value") else v.peft_type)
+                      for k, v in model.peft_config.items()}
+        adapter_model_type = model.base_model.__class__.__name__
+    else:
+        trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in base.parameters())
+        peft_types = {k: "LORA" for k in getattr(base, "peft_config", {})}
+        adapter_model_type = "None"
+    requires_grad: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.requires_grad.items():
+            prev = requires_grad.get(key)
+            requires_grad[key] = value if prev in (None, value) else "irregular"
+    available = sorted({a for layer in layers for a in layer.available_adapters})
+    devices: dict[str, list[str]] = {}
+    for layer in layers:
+        for key, devs in layer.devices.items():
+            devices.setdefault(key, [])
+            devices[key] += [d for d in devs if d not in devices[key]]
+    return TunerModelStatus(
+        base_model_type=base.__class__.__name__,
+        adapter_model_type=adapter_model_type,
+        peft_types=peft_types,
+        trainable_params=trainable,
+        total_params=total,
+        num_adapter_layers=len(layers),
+        enabled=_agg([layer.enabled for layer in layers]),
+        active_adapters=_agg([layer.active_adapters for layer in layers]),
+        merged_adapters=_agg([layer.merged_adapters for layer in layers]),
+        requires_grad=requires_grad,
+        available_adapters=available,
+        devices=devices,
+    )
+
+
