@@ -28,6 +28,13 @@ ENV_VAR = "PEFT_KERNELS_BACKEND"
 PRIORITY: dict[str, tuple[str, ...]] = {
     "lora_linear_fwd": ("triton", "cuda", "reference"),
     "lora_linear_bwd": ("triton", "cuda", "reference"),
+    # int8 W8A16: the CUDA GEMV serves decode (M <= 16) and declines the rest; training shapes go to Triton.
+    "lora_linear_int8_fwd": ("cuda", "triton", "reference"),
+    "lora_linear_int8_bwd": ("triton", "cuda", "reference"),
+    # Prefix K/V copies and their batch reduction: plain CUDA copy kernels (16-byte vectors) first.
+    "prefix_kv_fill": ("cuda", "triton", "reference"),
+    "kv_append": ("cuda", "triton", "reference"),
+    "prefix_kv_fill_bwd": ("cuda", "triton", "reference"),
 }
 
 _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("peft_kernels_backend", default=None)
