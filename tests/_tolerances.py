@@ -36,6 +36,10 @@ EXACT = (0.0, 0.0)
 # int8 weight-only output against unquantized fp32 weights: signal-to-quantization-noise floor in dB.
 # Measured ~41 dB at 4096x4096 and ~44 dB at 123x431 on Gaussian weights (KERNELS.md §6); 35 leaves margin.
 INT8_MIN_SQNR_DB = 35.0
+# int8 weight format (weight_scale = SCB·(1/127), W = CB·weight_scale, one fp32 multiply) vs bnb's dequant
+# (CB·SCB)·(1/127) (two multiplies): both are v·(1+δ1)(1+δ2) with |δ| ≤ 2^-24, so the a-priori bound is a few
+# ulps; measured max 1 ulp (≈23% of elements differ) at 4096x4096, 431x123 and 97x59, so the seeded tests pin 1.
+INT8_SCALE_FOLD_MAX_ULPS = 1
 # int8 merge vs unmerged, compared in softmax space as PEFT's GPU test does (re-quantization error).
 INT8_MERGE_SOFTMAX = (1e-3, 1.0)
 
