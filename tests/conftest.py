@@ -26,3 +26,12 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    # tests import the shared helpers (_models, _tolerances, _inputs) by bare name.
+    import sys
+
+    here = os.path.dirname(__file__)
+    if here not in sys.path:
+        sys.path.insert(0, here)

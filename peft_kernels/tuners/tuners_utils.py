@@ -233,7 +233,7 @@ class BaseTuner(nn.Module):
             else:
                 unmatched.append(key)
         if not matched:
-            self._raise_no_match(peft_config, model, excluded)
+            self._raise_no_match(peft_config, model, excluded, unmatched)
         for key in matched:
             self._check_target_module_compatible(peft_config, model.get_submodule(key), key)
 
@@ -270,8 +270,8 @@ class BaseTuner(nn.Module):
                 if adapter_name in name:
                     param.requires_grad = False
 
-    def _raise_no_match(self, peft_config, model, excluded) -> None:
-        if excluded:
+    def _raise_no_match(self, peft_config, model, excluded, unmatched) -> None:
+        if excluded and not unmatched:
             raise NoMatchingPeftModuleError(
                 "All modules were excluded. This is likely unintended. "
                 "Check your `target_modules`, `exclude_modules` and `modules_to_save` configuration."
@@ -281,10 +281,18 @@ class BaseTuner(nn.Module):
                 "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
                 "these arguments."
             )
-        msg = (
-            f"Target modules {peft_config.target_modules} not found in the base model. "
-            "Please check the target modules and try again."
-        )
+        if excluded:
+            msg = (
+                "No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                "configuration. You may also have only targeted modules that are marked to be saved "
+                "(`modules_to_save`)."
+            )
+        else:
+            msg = (
+                f"Target modules {peft_config.target_modules} not found in the base model. "
+                "Please check the target modules and try again."
+            )
         if getattr(peft_config, "layers_to_transform", None) is not None:
             msg += f" Note: You specified 'layers_to_transform': {peft_config.layers_to_transform}."
         if getattr(peft_config, "layers_pattern", None) is not None:
