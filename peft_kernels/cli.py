@@ -1,0 +1,41 @@
+"""``peft-kernels`` command line: ``info`` (versions, device, which backend runs each op and why)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(args) -> int:
+    from . import __version__, _availability
+    from .ops import _dispatch
+
+    print(f"peft_kernels {__version__}")
+    print("versions:")
+    for name, version in _availability.versions().items():
+        print(f"  {name:<20} {version}")
+    print(f"device: {_availability.device_summary()}")
+    env = _dispatch.requested_backend(None)
+    print(f"{_dispatch.ENV_VAR}: {env or '(unset: automatic choice)'}")
+    print("backends:")
+    for name, status, reason in _availability.backend_report():
+        print(f"  {name:<10} {status}{': ' + reason if reason else ''}")
+    print("ops (backend that runs on this machine's default device; why each other one does not):")
+    for op_name in _dispatch.PRIORITY:
+        chosen, skipped = _availability.op_choice(op_name)
+        print(f"  {op_name:<24} -> {chosen}")
+        for name, reason in skipped:
+            print(f"      {name:<10} {reason}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="peft-kernels", description="peft_kernels utilities")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, and which backend runs each op").set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""``python -m peft_kernels.info`` = ``peft-kernels info``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["info"]))
