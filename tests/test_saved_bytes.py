@@ -64,4 +64,4 @@ def test_saved_bytes_not_more_than_peft(p, dtype):
     if p > 0:
         # PEFT also keeps the dropped copy of x in the adapter dtype (fp32 by default); we regenerate it from
         # the seed, so we keep at least an m x k fp32 tensor less.
-        assert theirs - ours >= m * k * 4
+        assert theirs - ours >= m * k * 4 - 64  # 64: our seed tensor
