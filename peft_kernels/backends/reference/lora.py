@@ -2,7 +2,8 @@
 
 Semantics (n active adapters, a = 1..n)::
 
-    x̂_a = m_a ⊙ x / (1 - p_a)          m_a = lora_dropout_mask(seed_a, M, K, p_a); x̂_a = x when p_a == 0
+    x̂_a = m_a ⊙ x / (1 - p_a)          m_a = dropout mask(seed_a, M, K, p_a); x̂_a = x when p_a == 0
+                                       (the Philox spec of dropout.py; on CPU a faster seeded generator)
     S_a = x̂_a · A_aᵀ                   [M, r_a], kept in acc_a = promote_types(A_a.dtype, float32)
     y   = x · Wᵀ + b + Σ_a s_a · (S_a · B_aᵀ + b_Ba)        [M, N], dtype of x
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import lora_dropout_mask
+from .dropout import dropout_scaled_mask
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,8 +35,7 @@ def _dropped_input(x: torch.Tensor, dtype: torch.dtype, p: float, seeds, index: 
     x_cast = x.to(dtype)
     if p == 0.0:
         return x_cast
-    keep = lora_dropout_mask(seeds[index], x.shape[0], x.shape[1], p, device=x.device)
-    return x_cast * keep.to(dtype) * (1.0 / (1.0 - p))
+    return x_cast * dropout_scaled_mask(seeds[index], x.shape[0], x.shape[1], p, x.device, dtype)
 
 
 def lora_linear_fwd(
@@ -108,17 +108,20 @@ def lora_linear_bwd(
         acc = _acc_dtype(a.dtype)
         dy_acc = dy.to(acc)
         d_shrink = torch.mm(dy_acc, b.to(acc)).mul_(s)  # [M, r]
+        # m_a / (1 - p_a), regenerated once for both dA and dx (M×K in acc; the fused kernels never store it).
+        scaled_keep = None
+        if p != 0.0:
+            scaled_keep = dropout_scaled_mask(seeds[index], x.shape[0], x.shape[1], p, x.device, acc)
         if need_adapters:
             d_lora_b.append(torch.mm(dy_acc.t(), shrink).mul_(s).to(b.dtype))  # [N, r]
-            x_hat = _dropped_input(x, acc, p, seeds, index)
+            x_hat = x.to(acc) if scaled_keep is None else x.to(acc) * scaled_keep
             d_lora_a.append(torch.mm(d_shrink.t(), x_hat).to(a.dtype))  # [r, K]
         if need_dx:
-            if p == 0.0 and dx.dtype == acc:
+            if scaled_keep is None and dx.dtype == acc:
                 dx.addmm_(d_shrink, a)
             else:
                 dx_lora = torch.mm(d_shrink, a.to(acc))  # [M, K]
-                if p != 0.0:
-                    keep = lora_dropout_mask(seeds[index], x.shape[0], x.shape[1], p, device=x.device)
-                    dx_lora = dx_lora * keep.to(acc) * (1.0 / (1.0 - p))
+                if scaled_keep is not None:
+                    dx_lora.mul_(scaled_keep)
                 dx = torch.add(dx.to(acc), dx_lora).to(x.dtype)
     return dx, d_lora_a, d_lora_b
