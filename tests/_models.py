@@ -90,3 +90,36 @@ def make_inputs(family: str, batch: int = 2, seq: int = 5, seed: int = 1) -> dic
 
 def logits_of(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
+
+
+class MLP(torch.nn.Module):
+    """PEFT's ``test_custom_models`` MLP: lin0 (10->20), ReLU, Dropout(0.5), lin1 (20->2), LogSoftmax."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.lin0 = torch.nn.Linear(10, 20, bias=bias)
+        self.relu = torch.nn.ReLU()
+        self.drop = torch.nn.Dropout(0.5)
+        self.lin1 = torch.nn.Linear(20, 2, bias=bias)
+        self.sm = torch.nn.LogSoftmax(dim=-1)
+
+    def forward(self, X):
+        return self.sm(self.lin1(self.drop(self.relu(self.lin0(X.float())))))
+
+
+class EmbMLP(torch.nn.Module):
+    """An embedding followed by PEFT's MLP head, for LoRA on nn.Embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(100, 10)
+        self.lin0 = torch.nn.Linear(10, 20)
+        self.lin1 = torch.nn.Linear(20, 2)
+
+    def forward(self, X):
+        return self.lin1(torch.relu(self.lin0(self.emb(X)))).mean(1)
+
+
+def make_mlp(seed: int = 0, **kwargs) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(**kwargs).eval()
