@@ -13,8 +13,16 @@ import torch
 from .ops import _dispatch
 
 
+def _find_spec(name: str):
+    """importlib.util.find_spec that treats a broken or blocked package as absent."""
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
 def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _find_spec("triton") is not None
 
 
 def cuda_ext_status() -> str:
@@ -34,7 +42,7 @@ def device_summary() -> str:
 def versions() -> dict[str, str]:
     result = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("triton", "transformers", "bitsandbytes", "safetensors", "accelerate", "peft"):
-        spec = importlib.util.find_spec(name)
+        spec = _find_spec(name)
         if spec is None:
             result[name] = "not installed"
             continue

@@ -1,0 +1,115 @@
+"""Import never fails, and optional packages are imported only where ARCHITECTURE.md §3 allows."""
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "peft_kernels")
+
+
+def _python_files():
+    for dirpath, _, files in os.walk(ROOT):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                yield os.path.relpath(path, ROOT).replace(os.sep, "/"), path
+
+
+def _imports(path):
+    """(module name, at module level?) for every import statement of a file."""
+    tree = ast.parse(open(path).read())
+    top_level = set(id(node) for node in tree.body)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level and node.module is None:
+                names = [alias.name for alias in node.names]
+            elif node.level:
+                names = [node.module]
+            else:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            found.append((name or "", id(node) in top_level, node))
+    return found
+
+
+def _root(name):
+    return name.split(".")[0]
+
+
+def test_fenced_imports():
+    problems = []
+    for rel, path in _python_files():
+        for name, top_level, node in _imports(path):
+            root = _root(name)
+            if root == "triton" and not rel.startswith("backends/triton/"):
+                problems.append(f"{rel}:{node.lineno} imports triton")
+            if root == "peft" and rel != "integration/hf_peft.py":
+                problems.append(f"{rel}:{node.lineno} imports peft")
+            if name.endswith("_C") and ("peft_kernels._C" in name or name == "_C") and rel != "backends/cuda/__init__.py":
+                problems.append(f"{rel}:{node.lineno} imports the CUDA extension")
+            if root == "bitsandbytes" and top_level:
+                problems.append(f"{rel}:{node.lineno} imports bitsandbytes at module level")
+            if root == "transformers" and rel.split("/")[0] in ("layers", "ops", "backends"):
+                problems.append(f"{rel}:{node.lineno} imports transformers below the API half")
+    assert not problems, "\n".join(problems)
+
+
+BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    BLOCKED = {"triton", "peft", "bitsandbytes", "peft_kernels._C"}
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name in BLOCKED or name.split(".")[0] in BLOCKED - {"peft_kernels._C"}:
+                raise ImportError(f"blocked for the test: {name}")
+            return None
+    sys.meta_path.insert(0, Blocker())
+    """
+)
+
+
+def test_import_and_cpu_lora_without_optional_packages():
+    script = BLOCKER + textwrap.dedent(
+        """
+        import torch, peft_kernels as pk
+        from peft_kernels import cli
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        pm = pk.get_peft_model(model, pk.LoraConfig(target_modules=["0"], init_lora_weights=False))
+        pm(torch.randn(2, 8)).sum().backward()
+        assert cli.main(["info"]) == 0
+        for name in ("triton", "peft", "bitsandbytes", "peft_kernels._C"):
+            assert name not in sys.modules, name
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "triton     unavailable: triton is not importable" in result.stdout
+    assert "cuda       unavailable: extension peft_kernels._C not built or not loadable" in result.stdout
+    assert result.stdout.strip().endswith("OK")
+
+
+def test_forced_unavailable_backend_lists_every_reason():
+    import torch
+
+    from peft_kernels.ops import lora_linear
+
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    a, b = torch.randn(2, 4), torch.randn(5, 2)
+    with pytest.raises(NotImplementedError) as info:
+        lora_linear(x, w, None, a, b, 1.0, backend="cuda")
+    message = str(info.value)
+    for name in ("reference", "triton", "cuda"):
+        assert f"  {name}: " in message
+    with pytest.raises(ValueError, match="Unknown backend backend='nope'"):
+        lora_linear(x, w, None, a, b, 1.0, backend="nope")
+    assert torch.equal(lora_linear(x, w, None, a, b, 1.0, backend="reference"), lora_linear(x, w, None, a, b, 1.0))
