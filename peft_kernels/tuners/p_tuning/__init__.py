@@ -1,3 +1,4 @@
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
+from .model import PromptEncoder
 
-__all__ = ["PromptEncoderConfig", "PromptEncoderReparameterizationType"]
+__all__ = ["PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType"]

@@ -1,3 +1,4 @@
 from .config import PrefixTuningConfig
+from .model import PrefixEncoder
 
-__all__ = ["PrefixTuningConfig"]
+__all__ = ["PrefixEncoder", "PrefixTuningConfig"]
