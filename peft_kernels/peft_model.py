@@ -224,6 +224,17 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
+    # ------------------------------------------------------------------ prompt learning
+    def get_prompt(
+        self, batch_size: int, task_ids: Optional[torch.Tensor] = None, max_cache_len: Optional[int] = None
+    ):
+        """Prompt of the active adapter: a K/V Cache (prefix tuning, P cached tokens) or [B, N, D] embeddings."""
+        return prompt_learning.get_prompt(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """The ``prompt_embeddings`` tensor a checkpoint stores for ``adapter_name`` (encoder output, CPU)."""
+        return prompt_learning.get_prompt_embedding_to_save(self, adapter_name)
+
     # ------------------------------------------------------------------ forward
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
