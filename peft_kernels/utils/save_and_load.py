@@ -113,7 +113,13 @@ def get_peft_model_state_dict(
             embeddings = model.prompt_encoder[adapter_name].embedding.weight
         else:
             embeddings = model.get_prompt_embedding_to_save(adapter_name)
-        return {"prompt_embeddings": embeddings}
+        # modules_to_save (e.g. the SEQ_CLS head) are saved next to the prompt, keys "base_model.<path>.weight".
+        mapping = adapter_key_map(model, adapter_name, config)
+        if mapping and state_dict is None:
+            state_dict = model.state_dict()
+        to_return = {"prompt_embeddings": embeddings}
+        to_return.update({ckpt: state_dict[mk] for mk, ckpt in mapping.items() if mk in state_dict})
+        return to_return
     if state_dict is None:
         state_dict = model.state_dict()
     mapping = adapter_key_map(model, adapter_name, config)
@@ -154,8 +160,13 @@ def set_peft_model_state_dict(
                 f"Shape mismatch for 'prompt_embeddings': the checkpoint has {tuple(value.shape)}, the model "
                 f"expects {expected}."
             )
+        ckpt_to_model = {ckpt: mk for mk, ckpt in adapter_key_map(model, adapter_name, config).items()}
+        to_load = {ckpt_to_model[k]: v for k, v in peft_model_state_dict.items() if k in ckpt_to_model}
+        unexpected = [k for k in peft_model_state_dict if k != "prompt_embeddings" and k not in ckpt_to_model]
         encoder.embedding.load_state_dict({"weight": value}, strict=True)
-        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+        if to_load:
+            model.load_state_dict(to_load, strict=False)
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=unexpected)
 
     mapping = adapter_key_map(model, adapter_name, config)
     ckpt_to_model = {ckpt: mk for mk, ckpt in mapping.items()}
