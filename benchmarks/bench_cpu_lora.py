@@ -48,8 +48,8 @@ def build(lib, k, n, r, p):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = lib.get_peft_model(
-            OneLinear(k, n), lib.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["lin"],
-                                            init_lora_weights=False)
+            OneLinear(k, n),
+            lib.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["lin"], init_lora_weights=False),
         )
     model.train()
     return model
@@ -57,15 +57,18 @@ def build(lib, k, n, r, p):
 
 def step_fn(model, x, dy, mode):
     if mode == "no-grad fwd":
+
         def run():
             with torch.no_grad():
                 model(x)
     else:
+
         def run():
             x.grad = None
             for p in model.parameters():
                 p.grad = None
             model(x).backward(dy)
+
     return run
 
 
@@ -77,8 +80,12 @@ def quantiles(samples):
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -92,7 +99,9 @@ def main(argv=None):
     import peft
 
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     print(f"{'shape':<38} {'mode':<22} {'peft ms p50 [p20,p80]':>26} {'ours ms p50 [p20,p80]':>26} {'ours/peft':>9}")
     for name, m, k, n, r in SHAPES:
         for mode, p in MODES:
@@ -116,14 +125,31 @@ def main(argv=None):
             fmt = lambda s: f"{s[0]:8.3f} [{s[1]:.3f},{s[2]:.3f}]"
             print(f"{name:<38} {mode:<22} {fmt(stats['peft']):>26} {fmt(stats['peft_kernels']):>26} {ratio:9.3f}")
             for provider, (p50, p20, p80) in stats.items():
-                rows.append({
-                    "op": "lora_linear", "provider": provider, "mode": mode, "shape": name, "M": m, "K": k, "N": n,
-                    "r": r, "dropout": p, "p50_ms": f"{p50:.4f}", "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}",
-                    "ratio_vs_peft": f"{stats[provider][0] / stats['peft'][0]:.4f}", "device": "cpu",
-                    "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "peft": peft.__version__, "peft_kernels": pk.__version__,
-                    "git_sha": git_sha(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                })
+                rows.append(
+                    {
+                        "op": "lora_linear",
+                        "provider": provider,
+                        "mode": mode,
+                        "shape": name,
+                        "M": m,
+                        "K": k,
+                        "N": n,
+                        "r": r,
+                        "dropout": p,
+                        "p50_ms": f"{p50:.4f}",
+                        "p20_ms": f"{p20:.4f}",
+                        "p80_ms": f"{p80:.4f}",
+                        "ratio_vs_peft": f"{stats[provider][0] / stats['peft'][0]:.4f}",
+                        "device": "cpu",
+                        "cpu": platform.processor() or platform.machine(),
+                        "threads": torch.get_num_threads(),
+                        "torch": torch.__version__,
+                        "peft": peft.__version__,
+                        "peft_kernels": pk.__version__,
+                        "git_sha": git_sha(),
+                        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    }
+                )
     if args.out:
         new = not os.path.exists(args.out)
         with open(args.out, "a", newline="") as f:

@@ -19,9 +19,18 @@ from peft_kernels import LoraConfig, PeftModel, TaskType, get_peft_model
 
 def base_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -37,8 +46,12 @@ def main():
     parser.add_argument("--out", default=None, help="where to save the adapter (default: a temporary folder)")
     args = parser.parse_args()
 
-    model = get_peft_model(base_model(), LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
-                                                    lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        base_model(),
+        LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+        ),
+    )
     model.print_trainable_parameters()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(1)

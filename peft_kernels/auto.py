@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Optional
 
 from .config import PeftConfig
@@ -26,8 +25,15 @@ class _BaseAutoPeftModel:
         raise OSError(f"{self.__class__.__name__} is designed to be instantiated using `from_pretrained`.")
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, adapter_name: str = "default", is_trainable: bool = False,
-                        config: Optional[PeftConfig] = None, revision: Optional[str] = None, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[PeftConfig] = None,
+        revision: Optional[str] = None,
+        **kwargs,
+    ):
         import transformers
 
         peft_config = PeftConfig.from_pretrained(pretrained_model_name_or_path, revision=revision, **kwargs)
@@ -44,14 +50,28 @@ class _BaseAutoPeftModel:
             module = importlib.import_module(peft_config.auto_mapping["parent_library"])
             auto_cls = getattr(module, peft_config.auto_mapping["base_model_class"])
         else:
-            raise ValueError("Cannot infer the auto class from the config, please make sure that you are loading "
-                             "the correct model for your task type.")
-        hub_keys = ("cache_dir", "token", "local_files_only", "torch_dtype", "dtype", "device_map",
-                    "quantization_config", "trust_remote_code", "low_cpu_mem_usage")
+            raise ValueError(
+                "Cannot infer the auto class from the config, please make sure that you are loading "
+                "the correct model for your task type."
+            )
+        hub_keys = (
+            "cache_dir",
+            "token",
+            "local_files_only",
+            "torch_dtype",
+            "dtype",
+            "device_map",
+            "quantization_config",
+            "trust_remote_code",
+            "low_cpu_mem_usage",
+        )
         model_kwargs = {k: v for k, v in kwargs.items() if k in hub_keys}
         base_model = auto_cls.from_pretrained(base_model_path, revision=base_revision, **model_kwargs)
         return cls._target_peft_class.from_pretrained(
-            base_model, pretrained_model_name_or_path, adapter_name=adapter_name, is_trainable=is_trainable,
+            base_model,
+            pretrained_model_name_or_path,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
             config=config,
         )
 

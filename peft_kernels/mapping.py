@@ -100,15 +100,25 @@ def get_peft_model(
         )
     if revision is not None:
         if peft_config.revision is not None and peft_config.revision != revision:
-            warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting with revision {revision}")
+            warnings.warn(
+                f"peft config has already set base model revision to {peft_config.revision}, overwriting with revision {revision}"
+            )
         peft_config.revision = revision
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         if peft_config.task_type not in MODEL_TYPE_TO_PEFT_MODEL_MAPPING.keys() and not peft_config.is_prompt_learning:
-            return PeftModel(model, peft_config, adapter_name=adapter_name,
-                             autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+            return PeftModel(
+                model,
+                peft_config,
+                adapter_name=adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         return MODEL_TYPE_TO_PEFT_MODEL_MAPPING[peft_config.task_type](
-            model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+            model,
+            peft_config,
+            adapter_name=adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
     except BaseException:

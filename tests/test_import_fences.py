@@ -54,7 +54,11 @@ def test_fenced_imports():
                 problems.append(f"{rel}:{node.lineno} imports triton")
             if root == "peft" and rel != "integration/hf_peft.py":
                 problems.append(f"{rel}:{node.lineno} imports peft")
-            if name.endswith("_C") and ("peft_kernels._C" in name or name == "_C") and rel != "backends/cuda/__init__.py":
+            if (
+                name.endswith("_C")
+                and ("peft_kernels._C" in name or name == "_C")
+                and rel != "backends/cuda/__init__.py"
+            ):
                 problems.append(f"{rel}:{node.lineno} imports the CUDA extension")
             if root == "bitsandbytes" and top_level:
                 problems.append(f"{rel}:{node.lineno} imports bitsandbytes at module level")

@@ -43,8 +43,9 @@ def build(lib, p: float, k=64, n=48, r=8, dtype=torch.float32):
     base = OneLinear(k, n).to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = lib.get_peft_model(base, lib.LoraConfig(r=r, lora_alpha=16, lora_dropout=p, target_modules=["lin"],
-                                                        init_lora_weights=False))
+        model = lib.get_peft_model(
+            base, lib.LoraConfig(r=r, lora_alpha=16, lora_dropout=p, target_modules=["lin"], init_lora_weights=False)
+        )
     model.train()
     return model
 

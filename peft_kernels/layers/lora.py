@@ -148,7 +148,9 @@ class LoraLayer(BaseTunerLayer):
                 f"{len(adapter_names)} and {len(x)} respectively."
             )
         if self.merged:
-            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.")
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
 
     def _eager_lora_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """PEFT's formula for one adapter: B(A(dropout(x))) · s, in the adapter dtype."""
@@ -341,7 +343,14 @@ class Embedding(nn.Module, LoraLayer):
         )
 
     def update_layer(
-        self, adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora=False, lora_bias=False,
+        self,
+        adapter_name,
+        r,
+        lora_alpha,
+        lora_dropout,
+        init_lora_weights,
+        use_rslora=False,
+        lora_bias=False,
         inference_mode=False,
     ) -> None:
         if r <= 0:
@@ -402,8 +411,13 @@ class Embedding(nn.Module, LoraLayer):
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         return F.embedding(
-            x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
-            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+            x,
+            weight,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
         )
 
     def _embedding_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:

@@ -116,11 +116,7 @@ def _on_accelerator(args) -> bool:
 
 
 def _no_backend_message(op_name: str, forced: str | None, args) -> str:
-    head = (
-        f"Backend {forced!r} cannot run {op_name}"
-        if forced is not None
-        else f"No backend can run {op_name}"
-    )
+    head = f"Backend {forced!r} cannot run {op_name}" if forced is not None else f"No backend can run {op_name}"
     lines = [f"{head}. Reasons per backend:"]
     for name in BACKENDS:
         reasons = call_reasons(name, op_name, *args)

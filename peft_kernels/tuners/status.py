@@ -43,8 +43,10 @@ def _base_of(model):
 
     if isinstance(model, PeftModel):
         if model._is_prompt_learning:
-            raise TypeError("get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption "
-                            "prompt are not supported.")
+            raise TypeError(
+                "get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption "
+                "prompt are not supported."
+            )
         return model.base_model.model
     if isinstance(model, torch.nn.Module) and hasattr(model, "model") and hasattr(model, "peft_config"):
         return model.model
@@ -101,8 +103,10 @@ def get_model_status(model: Any) -> TunerModelStatus:
     layers = get_layer_status(model)
     if isinstance(model, PeftModel):
         trainable, total = model.get_nb_trainable_parameters()
-        peft_types = {k: str(v.peft_type.value if hasattr(v.peft_type, "value") else v.peft_type)
-                      for k, v in model.peft_config.items()}
+        peft_types = {
+            k: str(v.peft_type.value if hasattr(v.peft_type, "value") else v.peft_type)
+            for k, v in model.peft_config.items()
+        }
         adapter_model_type = model.base_model.__class__.__name__
     else:
         trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
@@ -134,5 +138,3 @@ def get_model_status(model: Any) -> TunerModelStatus:
         available_adapters=available,
         devices=devices,
     )
-
-

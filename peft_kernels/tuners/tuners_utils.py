@@ -61,7 +61,9 @@ def check_target_module_exists(config, key: str):
     found = any(key.endswith(f".{t}") for t in target_modules)
     layer_indexes = getattr(config, "layers_to_transform", None)
     layers_pattern = getattr(config, "layers_pattern", None)
-    using_indexes = layer_indexes is not None and (len(layer_indexes) != 0 if isinstance(layer_indexes, list) else True)
+    using_indexes = layer_indexes is not None and (
+        len(layer_indexes) != 0 if isinstance(layer_indexes, list) else True
+    )
     if using_indexes and found:
         match = None
         if not layers_pattern:
@@ -403,11 +405,15 @@ class BaseTuner(nn.Module):
                     target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 setattr(parent, target_name, target.get_base_layer())
             elif isinstance(target, ModulesToSaveWrapper):
-                setattr(parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names))
+                setattr(
+                    parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
+                )
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        model = self._unload_and_optionally_merge(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        model = self._unload_and_optionally_merge(
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
         if hasattr(model, "peft_config"):
             del model.peft_config
         return model
@@ -430,8 +436,10 @@ class BaseTuner(nn.Module):
         expected = set()
         for module in self.model.modules():
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-                expected |= set(module.modules_to_save.keys()) if isinstance(module, ModulesToSaveWrapper) else set(
-                    module._get_available_adapters()
+                expected |= (
+                    set(module.modules_to_save.keys())
+                    if isinstance(module, ModulesToSaveWrapper)
+                    else set(module._get_available_adapters())
                 )
         unique = {name for name in adapter_names if name != "__base__"}
         unknown = unique - set(self.peft_config)
@@ -473,4 +481,3 @@ def _ancestors(model: nn.Module, key: str):
     parts = key.split(".")
     for i in range(1, len(parts)):
         yield model.get_submodule(".".join(parts[:i]))
-

@@ -56,7 +56,11 @@ class ModulesToSaveWrapper(nn.Module):
                 raise
             modules = self.__dict__["_modules"]
             active = self.__dict__.get("_active_adapter", [])
-            if not self.__dict__.get("_disable_adapters", False) and active and active[0] in modules["modules_to_save"]:
+            if (
+                not self.__dict__.get("_disable_adapters", False)
+                and active
+                and active[0] in modules["modules_to_save"]
+            ):
                 return getattr(modules["modules_to_save"][active[0]], name)
             return getattr(modules["original_module"], name)
 
@@ -166,7 +170,9 @@ def prepare_model_for_kbit_training(
                     output.requires_grad_(True)
 
                 model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
-        supports_kwargs = "gradient_checkpointing_kwargs" in inspect.signature(model.gradient_checkpointing_enable).parameters
+        supports_kwargs = (
+            "gradient_checkpointing_kwargs" in inspect.signature(model.gradient_checkpointing_enable).parameters
+        )
         if not supports_kwargs and gradient_checkpointing_kwargs:
             warnings.warn(
                 "gradient_checkpointing_kwargs is not supported in this version of transformers. The passed kwargs "

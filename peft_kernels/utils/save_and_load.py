@@ -72,8 +72,10 @@ def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, st
 
 def _embedding_key_prefixes(model: nn.Module, config, save_embedding_layers) -> list[str]:
     target_modules = getattr(config, "target_modules", None)
-    embedding_targeted = bool(target_modules) and not isinstance(target_modules, str) and any(
-        k in target_modules for k in EMBEDDING_LAYER_NAMES
+    embedding_targeted = (
+        bool(target_modules)
+        and not isinstance(target_modules, str)
+        and any(k in target_modules for k in EMBEDDING_LAYER_NAMES)
     )
     if save_embedding_layers == "auto":
         if embedding_targeted:

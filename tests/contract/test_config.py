@@ -16,7 +16,12 @@ CONFIG_CLASSES = ["LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig", "Pr
 def test_enums_are_str_enums():
     assert pk.TaskType.CAUSAL_LM == "CAUSAL_LM"
     assert [t.value for t in pk.TaskType] == [
-        "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"
+        "SEQ_CLS",
+        "SEQ_2_SEQ_LM",
+        "CAUSAL_LM",
+        "TOKEN_CLS",
+        "QUESTION_ANS",
+        "FEATURE_EXTRACTION",
     ]
     assert len(pk.PeftType) == 45 and pk.PeftType.LORA == "LORA"
     assert json.dumps(pk.PeftType.LORA) == '"LORA"'
@@ -84,7 +89,11 @@ def test_config_round_trip(tmp_path):
     loaded = pk.PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, pk.LoraConfig)
     assert (loaded.r, loaded.lora_alpha, loaded.target_modules, loaded.use_rslora, loaded.bias) == (
-        3, 7, "lin.*", True, "lora_only"
+        3,
+        7,
+        "lin.*",
+        True,
+        "lora_only",
     )
     assert pk.get_peft_config(config.to_dict()).r == 3
 
@@ -95,7 +104,9 @@ def test_unknown_keys_are_dropped_with_warning(tmp_path):
     data.update(enable_lora=None, merge_weights=False)
     os.makedirs(tmp_path, exist_ok=True)
     (tmp_path / CONFIG_NAME).write_text(json.dumps(data, default=list))
-    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['enable_lora', 'merge_weights'\] for class LoraConfig"):
+    with pytest.warns(
+        UserWarning, match=r"Unexpected keyword arguments \['enable_lora', 'merge_weights'\] for class LoraConfig"
+    ):
         loaded = pk.LoraConfig.from_pretrained(tmp_path)
     assert loaded.r == 2
 
@@ -115,21 +126,43 @@ def test_save_into_a_file_path_fails(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, exc, message",
     [
-        (dict(task_type="FOO"), ValueError, "Invalid task type: 'FOO'. Must be one of the following task types: "
-         "SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION."),
-        (dict(target_modules="x", layers_to_transform=[0]), ValueError,
-         "`layers_to_transform` cannot be used when `target_modules` is a str."),
-        (dict(target_modules="x", layers_pattern="h"), ValueError,
-         "`layers_pattern` cannot be used when `target_modules` is a str."),
-        (dict(target_modules=["x"], layers_pattern="h"), ValueError,
-         "When `layers_pattern` is specified, `layers_to_transform` must also be specified. "),
-        (dict(lora_bias=True, init_lora_weights="gaussian"), ValueError,
-         "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
-         "init_lora_weights=gaussian instead."),
-        (dict(lora_bias=True, use_dora=True), ValueError,
-         "The argument lora_bias=True is not supported for DoRA, please pass use_dora=False"),
-        (dict(init_lora_weights="loftq"), ValueError,
-         "`loftq_config` must be specified when `init_lora_weights` is 'loftq'."),
+        (
+            dict(task_type="FOO"),
+            ValueError,
+            "Invalid task type: 'FOO'. Must be one of the following task types: "
+            "SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION.",
+        ),
+        (
+            dict(target_modules="x", layers_to_transform=[0]),
+            ValueError,
+            "`layers_to_transform` cannot be used when `target_modules` is a str.",
+        ),
+        (
+            dict(target_modules="x", layers_pattern="h"),
+            ValueError,
+            "`layers_pattern` cannot be used when `target_modules` is a str.",
+        ),
+        (
+            dict(target_modules=["x"], layers_pattern="h"),
+            ValueError,
+            "When `layers_pattern` is specified, `layers_to_transform` must also be specified. ",
+        ),
+        (
+            dict(lora_bias=True, init_lora_weights="gaussian"),
+            ValueError,
+            "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+            "init_lora_weights=gaussian instead.",
+        ),
+        (
+            dict(lora_bias=True, use_dora=True),
+            ValueError,
+            "The argument lora_bias=True is not supported for DoRA, please pass use_dora=False",
+        ),
+        (
+            dict(init_lora_weights="loftq"),
+            ValueError,
+            "`loftq_config` must be specified when `init_lora_weights` is 'loftq'.",
+        ),
     ],
 )
 def test_lora_config_validation(kwargs, exc, message):
@@ -141,10 +174,14 @@ def test_lora_config_validation(kwargs, exc, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt_tuning_init="TEXT", prompt_tuning_init_text="hi"),
-         "When prompt_tuning_init='TEXT', tokenizer_name_or_path can't be None."),
-        (dict(prompt_tuning_init="TEXT", tokenizer_name_or_path="tok"),
-         "When prompt_tuning_init='TEXT', prompt_tuning_init_text can't be None."),
+        (
+            dict(prompt_tuning_init="TEXT", prompt_tuning_init_text="hi"),
+            "When prompt_tuning_init='TEXT', tokenizer_name_or_path can't be None.",
+        ),
+        (
+            dict(prompt_tuning_init="TEXT", tokenizer_name_or_path="tok"),
+            "When prompt_tuning_init='TEXT', prompt_tuning_init_text can't be None.",
+        ),
         (dict(tokenizer_kwargs={"a": 1}), "tokenizer_kwargs only valid when using prompt_tuning_init='TEXT'."),
     ],
 )

@@ -29,8 +29,13 @@ def _quiet():
 
 
 def lora_kwargs(family: str, **extra) -> dict:
-    kwargs = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=EXPLICIT_TARGETS.get(family),
-                  modules_to_save=MODULES_TO_SAVE.get(family))
+    kwargs = dict(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=EXPLICIT_TARGETS.get(family),
+        modules_to_save=MODULES_TO_SAVE.get(family),
+    )
     _, task = make_model(family)
     kwargs["task_type"] = task
     kwargs.update(extra)
@@ -152,5 +157,3 @@ def test_same_as_peft(family, tmp_path):
         assert_close(logits_of(peft_loads_ours(**inputs)), expected, FP32_SAME_MATH, "peft loads ours")
         ours_loads_peft = pk.PeftModel.from_pretrained(make_model(family)[0], theirs_dir)
         assert_close(logits_of(ours_loads_peft(**inputs)), expected, FP32_SAME_MATH, "ours loads peft")
-
-

@@ -29,4 +29,3 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
     if op_name not in _OP_MODULES:
         return [f"op {op_name} has no reference implementation"]
     return []
-

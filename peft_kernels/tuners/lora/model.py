@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+
 from torch import nn
 
 from ...layers.lora import Embedding, Linear, LoraLayer
@@ -34,7 +35,9 @@ class LoraModel(BaseTuner):
             raise ValueError(f"lora_dropout should be in [0, 1), got {config.lora_dropout}")
         for key, value in (config.rank_pattern or {}).items():
             if value <= 0:
-                raise ValueError(f"`r` should be a positive integer value but the value passed is {value} (rank_pattern[{key!r}])")
+                raise ValueError(
+                    f"`r` should be a positive integer value but the value passed is {value} (rank_pattern[{key!r}])"
+                )
         if len(self.peft_config) > 1:
             with_bias = [c for c in self.peft_config.values() if c.bias != "none"]
             if len(with_bias) > 1:
