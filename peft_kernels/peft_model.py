@@ -384,7 +384,7 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         key_mapping: Optional[dict] = None,
         **kwargs: Any,
-    ) -> "PeftModel":
+    ) -> PeftModel:
         """Loads an adapter saved by peft_kernels or by Hugging Face PEFT onto ``model``."""
         from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PEFT_TYPE_TO_CONFIG_MAPPING
 
