@@ -79,7 +79,8 @@ class PeftModel(nn.Module):
         try:
             adapters = self.base_model.active_adapters
             if not isinstance(adapters, list):
-                adapters = [adapters]
+                # Prompt learning: base_model is the transformers model, whose active_adapters is a method.
+                adapters = [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
         except AttributeError:
             adapters = [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
         return adapters

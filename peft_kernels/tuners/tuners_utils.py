@@ -465,7 +465,8 @@ def set_trainable_modules(model: nn.Module, adapter_name: str, module_names, inf
     """Wraps every module whose name (or dotted suffix) is in ``module_names`` in a ModulesToSaveWrapper."""
     keys = [key for key, _ in model.named_modules()]
     for key in keys:
-        if not any(key == name or key.endswith(f".{name}") for name in module_names):
+        # Plain suffix match, as PEFT's _set_trainable (so "classifier" also matches "pre_classifier").
+        if not any(key.endswith(name) for name in module_names):
             continue
         parent, target, target_name = _get_submodules(model, key)
         if isinstance(target, ModulesToSaveWrapper):
