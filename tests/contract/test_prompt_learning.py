@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import json
 import warnings
@@ -138,9 +139,33 @@ def perturb_trainable(model, scale: float = 0.1) -> None:
                 param.add_(scale * torch.randn(param.shape, generator=gen))
 
 
+def for_peft(model):
+    """``model`` with ``past_key_values`` restored on forwards that call it ``cache`` (transformers >= 5.24).
+
+    peft 0.21.2 looks for the literal ``past_key_values`` in the forward signatures and raises for SEQ_CLS /
+    TOKEN_CLS / QA prefix tuning when only ``cache`` exists (PEFT_CONTRACT §10). Renaming the argument by hand
+    keeps PEFT's own computation as the oracle on every transformers version; on 5.23 this is a no-op.
+    """
+    from transformers import PreTrainedModel
+
+    modules = [model] + [m for m in model.children() if isinstance(m, PreTrainedModel)]
+    for module in modules:
+        params = inspect.signature(module.forward).parameters
+        if "cache" in params and "past_key_values" not in params:
+            original = module.forward
+
+            def forward(*args, past_key_values=None, __original=original, **kwargs):
+                if past_key_values is not None:
+                    kwargs["cache"] = past_key_values
+                return __original(*args, **kwargs)
+
+            module.forward = forward
+    return model
+
+
 def synced_pair(peft, family: str, task: str, method: str, **extra):
     """(peft 0.21.2 model, peft_kernels model) with identical weights; asserts identical state_dict keys."""
-    theirs = peft.get_peft_model(build(family, task), make_config(peft, method, task, **extra))
+    theirs = peft.get_peft_model(for_peft(build(family, task)), make_config(peft, method, task, **extra))
     ours = pk.get_peft_model(build(family, task), make_config(pk, method, task, **extra))
     perturb_trainable(theirs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -234,7 +259,7 @@ def test_checkpoint_both_ways_with_peft(peft, tmp_path, family, task, method):
         assert_close(tensors_ours[key], tensor, FP32_SAME_MATH, key)
 
     # peft_kernels checkpoint → peft, and peft checkpoint → peft_kernels: same outputs as the trained model.
-    loaded_by_peft = peft.PeftModel.from_pretrained(build(family, task), tmp_path / "ours")
+    loaded_by_peft = peft.PeftModel.from_pretrained(for_peft(build(family, task)), tmp_path / "ours")
     loaded_by_us = pk.PeftModel.from_pretrained(build(family, task), tmp_path / "theirs")
     assert type(loaded_by_us).__name__ == type(loaded_by_peft).__name__
     with torch.no_grad():
