@@ -11,7 +11,7 @@ import importlib
 import os
 
 # op name -> module under backends/triton/ that defines a function of the same name
-_OP_MODULES: dict[str, str] = {}
+_OP_MODULES: dict[str, str] = {"lora_linear_fwd": "lora", "lora_linear_bwd": "lora"}
 
 
 def interpreting() -> bool:
