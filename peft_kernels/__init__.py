@@ -14,6 +14,7 @@ from .auto import (
     AutoPeftModelForTokenClassification,
 )
 from .config import PeftConfig, PeftConfigMixin, PromptLearningConfig
+from .layers.int8 import Int8Linear, quantize_int8
 from .mapping import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PEFT_TYPE_TO_CONFIG_MAPPING,
@@ -104,6 +105,8 @@ __all__ = [
     "bloom_model_postprocess_past_key_value",
     "cast_mixed_precision_params",
     "get_layer_status",
+    "quantize_int8",
+    "Int8Linear",
     "get_model_status",
     "get_peft_config",
     "get_peft_model",

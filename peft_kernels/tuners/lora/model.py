@@ -6,14 +6,16 @@ import warnings
 
 from torch import nn
 
+from ...layers.int8 import Int8Linear
 from ...layers.lora import Embedding, Linear, LoraLayer
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ..tuners_utils import BaseTuner, _is_conv1d, get_pattern_key
 
 
-def _is_bnb_int8(module: nn.Module) -> bool:
+def _is_int8_base(module: nn.Module) -> bool:
     cls = type(module)
-    return cls.__name__ == "Linear8bitLt" and cls.__module__.startswith("bitsandbytes")
+    bnb_int8 = cls.__name__ == "Linear8bitLt" and cls.__module__.startswith("bitsandbytes")
+    return bnb_int8 or isinstance(module, Int8Linear)
 
 
 class LoraModel(BaseTuner):
@@ -48,13 +50,14 @@ class LoraModel(BaseTuner):
 
     def _check_target_module_compatible(self, config, target: nn.Module, key: str) -> None:
         base = target.get_base_layer() if isinstance(target, LoraLayer) else target
-        if isinstance(base, (nn.Linear, nn.Embedding)) or _is_conv1d(base) or _is_bnb_int8(base):
+        if isinstance(base, (nn.Linear, nn.Embedding)) or _is_conv1d(base) or _is_int8_base(base):
             if config.lora_bias and isinstance(base, nn.Embedding):
                 raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding (module {key!r}).")
             return
         raise NotImplementedError(
             f"Target module {key!r} of type {type(base).__name__} is not supported by peft_kernels LoRA. "
-            "Supported types: torch.nn.Linear, torch.nn.Embedding, transformers Conv1D, bitsandbytes Linear8bitLt."
+            "Supported types: torch.nn.Linear, torch.nn.Embedding, transformers Conv1D, bitsandbytes Linear8bitLt, "
+            "peft_kernels Int8Linear."
         )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
@@ -82,11 +85,9 @@ class LoraModel(BaseTuner):
     @staticmethod
     def _create_new_module(config, adapter_name, target, **kwargs) -> nn.Module:
         # Dispatch order as PEFT: bitsandbytes int8 first, then the default types.
-        if _is_bnb_int8(target):
-            try:
-                from ...layers.lora_int8 import dispatch_bnb_8bit
-            except ImportError as exc:
-                raise NotImplementedError(f"LoRA over bitsandbytes Linear8bitLt is unavailable: {exc}") from exc
+        if _is_int8_base(target):
+            from ...layers.lora_int8 import dispatch_bnb_8bit
+
             module = dispatch_bnb_8bit(target, adapter_name, **kwargs)
             if module is not None:
                 return module
