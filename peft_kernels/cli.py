@@ -33,6 +33,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="peft-kernels", description="peft_kernels utilities")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend runs each op").set_defaults(func=_info)
+    sub.add_parser("demo", help="LoRA fine-tune MiniLM on CPU end to end (peft-kernels demo --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 
