@@ -408,3 +408,28 @@ def test_gpt2_generate_and_compile():
     y.sum().backward()
     assert_close(y, layer(x), FP32_SAME_MATH, "fullgraph layer")
     assert layer.lora_A["default"].weight.grad is not None
+
+
+@pytest.mark.oracle
+def test_embedding_lora_same_as_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base_ours, base_theirs = EmbMLP(), EmbMLP()
+    base_theirs.load_state_dict(base_ours.state_dict())
+    kwargs = dict(target_modules=["emb", "lin0"], r=4, lora_alpha=8, init_lora_weights=False)
+    ours = pk.get_peft_model(base_ours, pk.LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(base_theirs, peft.LoraConfig(**kwargs))
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    ids = torch.randint(0, 100, (3, 7))
+    assert_close(ours(ids), theirs(ids), FP32_SAME_MATH, "embedding LoRA vs peft")
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    )
+    torch.manual_seed(0)  # the same base weights as base_ours / base_theirs
+    reloaded = peft.PeftModel.from_pretrained(EmbMLP(), tmp_path / "ours")
+    assert_close(reloaded(ids), theirs(ids), FP32_SAME_MATH, "peft loads our embedding adapter")
