@@ -141,8 +141,9 @@ def _memory_bound_by_config(op: str) -> list[tuple[int, triton.Config]]:
 # The dtype sweep: each kernel with dropout on, in its smallest config (dtype legality does not depend on the tile),
 # with fp32 adapters on 16-bit activations (the split-operand dots next to plain 16-bit ones), on both architectures.
 _DTYPE_SWEEP = ((90, "bf16", "fp32"), (80, "fp16", "fp32"))
-# Config sweeps: the dtype with the largest shared-memory footprint per architecture (measured: fp32 with BLOCK_K
-# halved exceeds bf16 on sm_90, e.g. 184 vs 160 KiB for (64, 256, 64); equal on sm_80 and sm_86).
+# Config sweeps: the dtype with the largest shared-memory footprint per architecture (measured on F2: fp32 with
+# BLOCK_K halved exceeds bf16 on sm_90, e.g. 184 vs 160 KiB for (64, 256, 64), and equals it on sm_80; sm_86 is
+# lowered like sm_80).
 _SWEEP_DTYPE = {80: ("bf16", "bf16"), 86: ("bf16", "bf16"), 90: ("fp32", "fp32")}
 
 
@@ -153,8 +154,8 @@ def _sweep_configs(configs, cap):
 def all_jobs() -> list[tuple]:
     """(op, cap, x dtype, adapter dtype, rank, config kwargs, warps, stages, dropout) for every compile."""
     jobs = []
-    # Shared memory does not depend on HAS_DROPOUT (Philox is register arithmetic; measured equal), and the
-    # Philox epilogue triples LLVM time on the large tiles, so the config sweeps compile without it.
+    # Shared memory does not depend on HAS_DROPOUT (Philox is register arithmetic; measured equal on B2's
+    # (128, 256, 64) tile), and the Philox code triples LLVM time on large tiles, so the sweeps compile without it.
     for cap in (80, 90, 86):
         xd, ad = _SWEEP_DTYPE[cap]
         for op in _configs.GEMM_OPS:

@@ -554,14 +554,14 @@ def _num_sms_cuda(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda" or interpreting():
         return _configs.INTERPRET_NUM_SMS
-    return _num_sms_cuda(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+    return _num_sms_cuda(_device_index(device))
 
 
 @functools.cache
