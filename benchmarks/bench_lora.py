@@ -175,6 +175,16 @@ def _reference_math(x, weight, bias, lora_a, lora_b, scaling, p: float, training
     return (y + scaling * ((x_hat @ lora_a.t()) @ lora_b.t())).to(x.dtype)
 
 
+_COMPILED = []
+
+
+def _compiled_reference_math():
+    """One torch.compile'd function for the whole run (a new one per cell would recompile from scratch)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_reference_math))
+    return _COMPILED[0]
+
+
 def make_forward(provider: str, layer, s: Shape, training: bool):
     """A callable x -> y for ``provider``, or raises NotImplementedError with the reason it cannot run."""
     from peft_kernels import ops
@@ -201,7 +211,7 @@ def make_forward(provider: str, layer, s: Shape, training: bool):
             x, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scaling"], p, training=training
         )
     if provider == "reference+compile":
-        compiled = torch.compile(_reference_math)
+        compiled = _compiled_reference_math()
         return lambda x: compiled(x, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scaling"], p, training)
     if provider == "unsloth-style":
         if p > 0:
@@ -348,7 +358,16 @@ def main(argv=None) -> int:
         "peft_kernels": peft_kernels.__version__,
         "git_sha": _git_sha(),
     }
-    rows = []
+    # Rows are appended as each cell finishes, so a run stopped by a time limit keeps what it measured.
+    writer, out_file = None, None
+    if args.out:
+        new = not os.path.exists(args.out)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        out_file = open(args.out, "a", newline="")  # closed at the end of main
+        writer = csv.DictWriter(out_file, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+    n_rows = 0
     device = torch.device("cuda")
     for s, mode, provs in plan:
         layer = build_peft_layer(s, dtype, adapter_dtype, device)
@@ -385,7 +404,10 @@ def main(argv=None) -> int:
                 row["speedup_vs_peft"] = f"{peft_p50 / p50:.3f}" if peft_p50 else ""
                 row["saved_bytes"] = "" if saved is None else saved
                 row["peak_bytes"] = peak
-            rows.append(row)
+            if writer is not None:
+                writer.writerow(row)
+                out_file.flush()
+            n_rows += 1
             shown = row["note"] or (
                 f"p50 {row['p50_ms']} ms [{row['p20_ms']}, {row['p80_ms']}] {row['tflops']} TFLOP/s "
                 f"x{row['speedup_vs_peft'] or '-'} vs peft, saved {row['saved_bytes'] or '-'} B, peak {row['peak_bytes']} B"
@@ -394,15 +416,9 @@ def main(argv=None) -> int:
         del layer, x, dy
         torch.cuda.empty_cache()
 
-    if args.out:
-        new = not os.path.exists(args.out)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    if out_file is not None:
+        out_file.close()
+        print(f"wrote {n_rows} rows to {args.out}")
     return 0
 
 
