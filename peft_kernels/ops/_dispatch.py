@@ -18,6 +18,8 @@ import importlib
 import logging
 import os
 
+import torch
+
 logger = logging.getLogger("peft_kernels")
 
 BACKENDS = ("reference", "triton", "cuda")
@@ -86,6 +88,32 @@ def force_backend(name: str | None):
     token = _forced_backend.set(name)
     try:
         yield
+    finally:
+        _forced_backend.reset(token)
+
+
+def forced_backend() -> str | None:
+    """The backend forced for the op calls running now (None: automatic choice; always None when compiling)."""
+    if torch.compiler.is_compiling():
+        return None
+    return _forced_backend.get()
+
+
+def run_with_backend(backend: str | None, fn, *args):
+    """fn(*args) with ``backend`` (argument, else PEFT_KERNELS_BACKEND) forced for every op it calls.
+
+    Under torch.compile the choice is automatic: the context variable cannot be traced (a graph break), and a
+    compiled graph is specialised to the device it runs on anyway. Autograd Functions record the forced
+    backend in ``ctx`` and re-enter it in backward, which autograd may run on another thread.
+    """
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    name = requested_backend(backend)
+    if name is None:
+        return fn(*args)
+    token = _forced_backend.set(name)
+    try:
+        return fn(*args)
     finally:
         _forced_backend.reset(token)
 

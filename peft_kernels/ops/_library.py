@@ -19,7 +19,7 @@ def define_op(name: str, schema: str, fake) -> None:
     LIB.define(f"{name}{schema}")
 
     def cpu_kernel(*args):
-        if _dispatch._forced_backend.get() is None:
+        if _dispatch.forced_backend() is None:
             return _dispatch._backend_module("reference").get_impl(name)(*args)
         return _dispatch.select(name, *args)(*args)
 

@@ -73,6 +73,7 @@ class LoraLinearFunction(torch.autograd.Function):
             x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds
         )
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.forced_backend = _dispatch.forced_backend()
         ctx.n_adapters = len(lora_a)
         ctx.has_bias = bias is not None
         ctx.lora_b_bias_present = [t is not None for t in lora_b_bias]
@@ -87,9 +88,11 @@ class LoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         adapter_needs = needs[_LEADING_INPUTS:]
         need_adapters = any(adapter_needs[i] or adapter_needs[i + 1] for i in range(0, 3 * n, 3))
-        dx, d_a, d_b = torch.ops.peft_kernels.lora_linear_bwd(
-            dy, x, weight, lora_a, lora_b, saved_s, ctx.scaling, ctx.dropout_p, seeds, [needs[1], need_adapters]
-        )
+        dx, d_a, d_b = _dispatch.run_with_backend(
+            ctx.forced_backend,
+            torch.ops.peft_kernels.lora_linear_bwd,
+            dy, x, weight, lora_a, lora_b, saved_s, ctx.scaling, ctx.dropout_p, seeds, [needs[1], need_adapters],
+        )  # fmt: skip
         d_weight = dy.t().mm(x.to(dy.dtype)).to(weight.dtype) if needs[2] else None
         d_bias = dy.sum(0).to(dy.dtype) if needs[3] and ctx.has_bias else None
         adapter_grads = []
@@ -133,8 +136,7 @@ def lora_linear_multi(
     for a, b, bb in zip(lora_a, lora_b, lora_b_bias):
         adapter_tensors += [a, b, bb]
     meta = ([float(s) for s in scaling], p_eff)
-    with _dispatch.force_backend(_dispatch.requested_backend(backend)):
-        y = LoraLinearFunction.apply(meta, x2d, weight, bias, seeds, *adapter_tensors)
+    y = _dispatch.run_with_backend(backend, LoraLinearFunction.apply, meta, x2d, weight, bias, seeds, *adapter_tensors)
     return y.reshape(*lead_shape, weight.shape[0])
 
 

@@ -78,6 +78,7 @@ class LoraLinearInt8Function(torch.autograd.Function):
         )
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.n_adapters = len(lora_a)
+        ctx.forced_backend = _dispatch.forced_backend()
         ctx.has_bias = bias is not None
         ctx.lora_b_bias_present = [t is not None for t in lora_b_bias]
         ctx.save_for_backward(x, weight_int8, weight_scale, seeds, *lora_a, *lora_b, *saved_s)
@@ -91,7 +92,9 @@ class LoraLinearInt8Function(torch.autograd.Function):
         needs = ctx.needs_input_grad
         adapter_needs = needs[_INT8_LEADING_INPUTS:]
         need_adapters = any(adapter_needs[i] or adapter_needs[i + 1] for i in range(0, _TENSORS_PER_ADAPTER * n, 3))
-        dx, d_a, d_b = torch.ops.peft_kernels.lora_linear_int8_bwd(
+        dx, d_a, d_b = _dispatch.run_with_backend(
+            ctx.forced_backend,
+            torch.ops.peft_kernels.lora_linear_int8_bwd,
             dy,
             x,
             weight_int8,
@@ -148,8 +151,9 @@ def lora_linear_int8_multi(
     for a, b, bb in zip(lora_a, lora_b, lora_b_bias):
         adapter_tensors += [a, b, bb]
     meta = ([float(s) for s in scaling], p_eff)
-    with _dispatch.force_backend(_dispatch.requested_backend(backend)):
-        y = LoraLinearInt8Function.apply(meta, x2d, weight_int8, weight_scale, bias, seeds, *adapter_tensors)
+    y = _dispatch.run_with_backend(
+        backend, LoraLinearInt8Function.apply, meta, x2d, weight_int8, weight_scale, bias, seeds, *adapter_tensors
+    )
     return y.reshape(*lead_shape, weight_int8.shape[0])
 
 

@@ -83,6 +83,7 @@ class PrefixFillFunction(torch.autograd.Function):
         torch.ops.peft_kernels.prefix_kv_fill(prefix, list(bufs[:n_layers]), list(bufs[n_layers:]))
         ctx.mark_dirty(*bufs)
         ctx.prefix_len, ctx.prefix_dtype = prefix.shape[3], prefix.dtype
+        ctx.forced_backend = _dispatch.forced_backend()
         return bufs
 
     @staticmethod
@@ -90,8 +91,12 @@ class PrefixFillFunction(torch.autograd.Function):
         n_layers = len(grads) // 2
         d_prefix = None
         if ctx.needs_input_grad[0]:
-            d_prefix = torch.ops.peft_kernels.prefix_kv_fill_bwd(
-                list(grads[:n_layers]), list(grads[n_layers:]), ctx.prefix_len
+            d_prefix = _dispatch.run_with_backend(
+                ctx.forced_backend,
+                torch.ops.peft_kernels.prefix_kv_fill_bwd,
+                list(grads[:n_layers]),
+                list(grads[n_layers:]),
+                ctx.prefix_len,
             ).to(ctx.prefix_dtype)
         d_bufs = [
             _zero_rows(grad, 0, ctx.prefix_len) if needs else None
@@ -146,11 +151,10 @@ def prefix_kv_write(
     """
     k_bufs, v_bufs = list(k_bufs), list(v_bufs)
     _check_fill(prefix, k_bufs, v_bufs)
-    with _dispatch.force_backend(_dispatch.requested_backend(backend)):
-        if _needs_autograd(prefix, *k_bufs, *v_bufs):
-            PrefixFillFunction.apply(prefix, *k_bufs, *v_bufs)
-        else:
-            torch.ops.peft_kernels.prefix_kv_fill(prefix, k_bufs, v_bufs)
+    if _needs_autograd(prefix, *k_bufs, *v_bufs):
+        _dispatch.run_with_backend(backend, PrefixFillFunction.apply, prefix, *k_bufs, *v_bufs)
+    else:
+        _dispatch.run_with_backend(backend, torch.ops.peft_kernels.prefix_kv_fill, prefix, k_bufs, v_bufs)
     return k_bufs, v_bufs
 
 
@@ -170,11 +174,10 @@ def kv_append(
     Returns: (k_buf, v_buf), the same tensor objects.
     """
     _check_append(k_buf, v_buf, k, v, offset)
-    with _dispatch.force_backend(_dispatch.requested_backend(backend)):
-        if _needs_autograd(k_buf, v_buf, k, v):
-            KvAppendFunction.apply(int(offset), k_buf, v_buf, k, v)
-        else:
-            torch.ops.peft_kernels.kv_append(k_buf, v_buf, k, v, int(offset))
+    if _needs_autograd(k_buf, v_buf, k, v):
+        _dispatch.run_with_backend(backend, KvAppendFunction.apply, int(offset), k_buf, v_buf, k, v)
+    else:
+        _dispatch.run_with_backend(backend, torch.ops.peft_kernels.kv_append, k_buf, v_buf, k, v, int(offset))
     return k_buf, v_buf
 
 

@@ -190,11 +190,6 @@ def test_opcheck_cpu(dtype, a_dtype, p):
     "device, compile_backend",
     [pytest.param("cpu", "aot_eager", id="cpu-aot_eager"), pytest.param("cuda", "inductor", marks=pytest.mark.gpu)],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="ops.lora_linear enters _dispatch.force_backend (ContextVar.set), which dynamo cannot trace: graph break "
-    "gb0156 under fullgraph=True; the fix belongs in ops/lora.py (choose the backend outside the traced region)",
-)
 def test_compile_fullgraph(device, compile_backend):
     case = LoraCase("compile", 33, 64, 48, 8, torch.float32 if device == "cpu" else torch.bfloat16, p=0.1)
     inp = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in make_lora_inputs(case).items()}
