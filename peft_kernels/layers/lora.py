@@ -292,11 +292,24 @@ class Linear(nn.Module, LoraLayer):
 
     def _fused_forward(self, x: torch.Tensor, base_layer: nn.Module, active: list[str]) -> torch.Tensor:
         # Conv1D stores W as (in, out); its transposed view is the (out, in) weight the op expects, no copy.
-        weight = base_layer.weight.t() if _is_conv1d(base_layer) else base_layer.weight
+        weight = base_layer.weight.t() if self.fan_in_fan_out else base_layer.weight
         bias = base_layer.bias
-        lora_a = [self.lora_A[a].weight for a in active]
-        lora_b = [self.lora_B[a].weight for a in active]
-        lora_b_bias = [self.lora_B[a].bias for a in active]
+        # One pass over the active adapters, with local references: this runs per layer per token at decode,
+        # where Module.__getattr__ calls are a visible part of the cost.
+        lora_a_dict, lora_b_dict, dropout_dict, scaling = self.lora_A, self.lora_B, self.lora_dropout, self.scaling
+        lora_a, lora_b, lora_b_bias, dropout_p, scales = [], [], [], [], []
+        training = False
+        for adapter in active:
+            a_layer, b_layer, dropout = lora_a_dict[adapter], lora_b_dict[adapter], dropout_dict[adapter]
+            lora_a.append(a_layer.weight)
+            lora_b.append(b_layer.weight)
+            lora_b_bias.append(b_layer.bias)
+            scales.append(scaling[adapter])
+            if isinstance(dropout, nn.Dropout):
+                dropout_p.append(dropout.p)
+                training = training or dropout.training
+            else:
+                dropout_p.append(0.0)
         if torch.is_autocast_enabled(x.device.type):
             # Reproduce autocast's F.linear: every operand in the autocast dtype.
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -305,12 +318,7 @@ class Linear(nn.Module, LoraLayer):
             lora_a = [t.to(dtype) for t in lora_a]
             lora_b = [t.to(dtype) for t in lora_b]
             lora_b_bias = [t.to(dtype) if t is not None else None for t in lora_b_bias]
-        dropouts = [self.lora_dropout[a] for a in active]
-        dropout_p = [d.p if isinstance(d, nn.Dropout) else 0.0 for d in dropouts]
-        training = any(isinstance(d, nn.Dropout) and d.training for d in dropouts)
-        return ops.lora_linear_multi(
-            x, weight, bias, lora_a, lora_b, lora_b_bias, [self.scaling[a] for a in active], dropout_p, training
-        )
+        return ops.lora_linear_multi(x, weight, bias, lora_a, lora_b, lora_b_bias, scales, dropout_p, training)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

@@ -32,7 +32,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _dropped_input(x: torch.Tensor, dtype: torch.dtype, p: float, seeds, index: int) -> torch.Tensor:
     """x̂ in ``dtype``: x cast (no copy when equal), then masked and rescaled when p > 0."""
-    x_cast = x.to(dtype)
+    x_cast = x if x.dtype == dtype else x.to(dtype)
     if p == 0.0:
         return x_cast
     return x_cast * dropout_scaled_mask(seeds[index], x.shape[0], x.shape[1], p, x.device, dtype)
@@ -64,7 +64,9 @@ def lora_linear_fwd(
     for index, (a, b, b_bias, s, p) in enumerate(zip(lora_a, lora_b, lora_b_bias, scaling, dropout_p)):
         acc = _acc_dtype(a.dtype)
         x_hat = _dropped_input(x, a.dtype, p, seeds, index)
-        shrink = torch.mm(x_hat, a.t()).to(acc)  # [M, r]
+        shrink = torch.mm(x_hat, a.t())  # [M, r]
+        if shrink.dtype != acc:
+            shrink = shrink.to(acc)
         saved_s.append(shrink)
         if b.dtype == y.dtype and shrink.dtype == y.dtype:
             # Same dtype: accumulate the expand into y in place, no M×N temporary.
