@@ -8,18 +8,47 @@ Layout (``L`` num_layers, ``P`` num_virtual_tokens, ``Hkv`` key/value heads, ``h
 
 The prefix is built once per forward without a batch dimension and broadcast (``expand``) over the batch, so the
 encoder runs on P tokens instead of B·P and autograd's expand-backward gives ``dprefix = Σ_b dK[b, :, :P]``, the
-same gradient PEFT gets from B identical encoder calls. ``build_prefix_cache`` is the seam where a fused K/V
-write (``ops.prefix_kv_write`` into preallocated buffers) replaces ``DynamicCache``'s ``torch.cat``.
+same gradient PEFT gets from B identical encoder calls.
+
+Two cache paths, chosen by ``build_prefix_cache`` (``PEFT_KERNELS_PREFIX_CACHE``, read per call):
+
+- ``fused`` (default) for decoder-only models and task heads (one transformer submodule, not Gemma-2/3/4):
+  ``PrefixKVCache`` (``prefix_kv_cache.py``) preallocates [B, Hkv, P + T_max, hd] per layer, writes the prefix
+  with one ``ops.prefix_kv_write`` call and appends new K/V in place with ``ops.kv_append``;
+- ``dynamic``, and always for encoder-decoder models and Gemma-2/3/4 (the reference path): a transformers
+  ``DynamicCache`` / ``EncoderDecoderCache`` holding the broadcast prefix, which ``torch.cat``s every update.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 
 # Model types whose caches PEFT builds from the model config (per-layer KV shapes, sliding windows, shared KV).
 _CONFIG_CACHE_MODEL_TYPES = ("gemma2", "gemma3_text", "gemma4")
+
+PREFIX_CACHE_ENV = "PEFT_KERNELS_PREFIX_CACHE"
+PREFIX_CACHE_MODES = ("fused", "dynamic")
+
+
+def prefix_cache_mode() -> str:
+    """``fused`` (preallocated buffers, the default) or ``dynamic`` (transformers' DynamicCache), from the env."""
+    mode = os.environ.get(PREFIX_CACHE_ENV, "").strip().lower() or "fused"
+    if mode not in PREFIX_CACHE_MODES:
+        raise ValueError(f"{PREFIX_CACHE_ENV}={mode!r}; expected one of {', '.join(PREFIX_CACHE_MODES)}.")
+    return mode
+
+
+def __getattr__(name: str):
+    # PrefixKVCache subclasses transformers' DynamicCache: imported on first use so that importing peft_kernels
+    # does not import transformers.
+    if name in ("PrefixKVCache", "PrefixKVLayer"):
+        from . import prefix_kv_cache
+
+        return getattr(prefix_kv_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def unbatched_prefix(flat: torch.Tensor, num_layers: int, num_heads: int) -> torch.Tensor:
@@ -46,6 +75,7 @@ def build_prefix_cache(
     batch_size: int,
     num_transformer_submodules: int = 1,
     model_config=None,
+    max_cache_len: int | None = None,
 ):
     """The cache a prefix-tuned forward starts from: every layer holds ``prefix`` broadcast over the batch.
 
@@ -57,7 +87,10 @@ def build_prefix_cache(
             ``seq2seq_layer_slots``) and whose cross-attention cache is empty with every ``is_updated`` False, so
             the prefix reaches decoder self-attention only and cross-attention is computed from the encoder.
         model_config: the base model's config; Gemma-2/3/4 get a config-built ``DynamicCache`` (per-layer shapes).
-    Returns: a fresh cache; transformers appends the real tokens' K/V to it in place.
+        max_cache_len: P + T_max, the rows the fused cache preallocates per layer (T_max: the forward's input
+            length, or the prompt plus new tokens in ``generate``); None: sized by the first update, grown after.
+    Returns: a fresh cache; transformers appends the real tokens' K/V to it. ``PrefixKVCache`` (a ``DynamicCache``
+    subclass) for one submodule and no Gemma unless ``PEFT_KERNELS_PREFIX_CACHE=dynamic``; else as described.
     """
     from transformers import DynamicCache, EncoderDecoderCache
 
@@ -65,6 +98,10 @@ def build_prefix_cache(
     model_type = getattr(model_config, "model_type", "") or ""
     if any(name in model_type for name in _CONFIG_CACHE_MODEL_TYPES):
         return _config_cache(prefix, batch_size, model_config)
+    if num_transformer_submodules == 1 and prefix_cache_mode() == "fused":
+        from .prefix_kv_cache import PrefixKVCache
+
+        return PrefixKVCache(prefix, batch_size, max_cache_len)
 
     def layer_kv(layer: int):
         # [Hkv, P, hd] → [B, Hkv, P, hd] without a copy; the cache's first cat materialises it.

@@ -276,16 +276,21 @@ def get_prompt(peft_model, batch_size: int, task_ids=None, max_cache_len: int | 
     """Active adapter's prompt for a batch of ``batch_size``.
 
     Prefix tuning: a fresh transformers Cache with ``get_seq_length() == P`` and per-layer keys
-    ``[B, H, P, hd]`` (``EncoderDecoderCache`` for two submodules). Prompt/P-tuning: ``[B, N, D]`` (a broadcast
-    view of one encoder output). ``task_ids`` and ``max_cache_len`` are accepted for PEFT's signature; the
-    dynamic caches built here need neither.
+    ``[B, H, P, hd]``: ``PrefixKVCache`` (a ``DynamicCache`` with preallocated buffers of ``max_cache_len`` rows,
+    P + T_max) for one submodule, ``EncoderDecoderCache`` for two (``prefix_cache.build_prefix_cache``).
+    Prompt/P-tuning: ``[B, N, D]`` (a broadcast view of one encoder output). ``task_ids`` is accepted for PEFT's
+    signature.
     """
     adapter_name = peft_model.active_adapter
     config = peft_model.peft_config[adapter_name]
     if config.peft_type == PeftType.PREFIX_TUNING:
         prefix = _unbatched_kv_prefix(peft_model, adapter_name)
         return build_prefix_cache(
-            prefix, batch_size, config.num_transformer_submodules, getattr(peft_model.base_model, "config", None)
+            prefix,
+            batch_size,
+            config.num_transformer_submodules,
+            getattr(peft_model.base_model, "config", None),
+            max_cache_len=max_cache_len,
         )
     prompts = _unbatched_prompts(peft_model, adapter_name)
     return prompts.unsqueeze(0).expand(batch_size, -1, -1)
@@ -328,6 +333,12 @@ def cache_kwarg_name(module: nn.Module) -> str | None:
     """``cache`` or ``past_key_values``, whichever ``module.forward`` declares (None if neither)."""
     params = inspect.signature(module.forward).parameters
     return next((name for name in _CACHE_KWARGS if name in params), None)
+
+
+def _cache_rows(num_virtual_tokens: int, input_ids, inputs_embeds) -> int:
+    """P + T: the rows a prefix cache needs for one forward (the fused cache preallocates exactly these)."""
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    return num_virtual_tokens + (tokens.shape[1] if tokens is not None and tokens.dim() >= 2 else 0)
 
 
 def _batch_size(input_ids, inputs_embeds) -> int:
@@ -418,7 +429,8 @@ def _decoder_forward(peft_model, config, task, kwargs: dict):
     kwargs["attention_mask"] = _prefixed_mask(kwargs.get("attention_mask"), batch_size, nvt)
     _adjust_position_and_token_type_ids(config, kwargs, drop_token_type_ids=True)
     if config.peft_type == PeftType.PREFIX_TUNING:
-        kwargs[cache_kwarg_name(base) or "past_key_values"] = get_prompt(peft_model, batch_size)
+        rows = _cache_rows(nvt, input_ids, inputs_embeds)
+        kwargs[cache_kwarg_name(base) or "past_key_values"] = get_prompt(peft_model, batch_size, max_cache_len=rows)
         return base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
     inputs_embeds = _embed(peft_model, input_ids, inputs_embeds)
     labels = kwargs.get("labels")
@@ -460,7 +472,8 @@ def _head_forward(peft_model, config, task, kwargs: dict):
     kwargs["attention_mask"] = _prefixed_mask(kwargs.get("attention_mask"), batch_size, nvt)
     _adjust_position_and_token_type_ids(config, kwargs, drop_token_type_ids=False)
     if config.peft_type == PeftType.PREFIX_TUNING:
-        return _head_prefix_forward(peft_model, batch_size, input_ids, inputs_embeds, kwargs)
+        rows = _cache_rows(nvt, input_ids, inputs_embeds)
+        return _head_prefix_forward(peft_model, batch_size, rows, input_ids, inputs_embeds, kwargs)
     if kwargs.get("token_type_ids") is not None:
         # Virtual tokens belong to segment 0.
         kwargs["token_type_ids"] = torch.cat(
@@ -470,7 +483,7 @@ def _head_forward(peft_model, config, task, kwargs: dict):
     return base(inputs_embeds=_prepend_prompts(peft_model, inputs_embeds), **kwargs)
 
 
-def _head_prefix_forward(peft_model, batch_size, input_ids, inputs_embeds, kwargs: dict):
+def _head_prefix_forward(peft_model, batch_size, rows, input_ids, inputs_embeds, kwargs: dict):
     """Prefix tuning under a task head.
 
     If the head model's forward declares the cache keyword, the cache is passed to it (PEFT's first branch).
@@ -480,7 +493,7 @@ def _head_prefix_forward(peft_model, batch_size, input_ids, inputs_embeds, kwarg
     breaks for others (RoBERTa's classification head reads token 0 of the sequence output).
     """
     base = peft_model.base_model
-    cache = get_prompt(peft_model, batch_size)
+    cache = get_prompt(peft_model, batch_size, max_cache_len=rows)
     name = cache_kwarg_name(base)
     if name is not None:
         return base(input_ids=input_ids, inputs_embeds=inputs_embeds, **{name: cache}, **kwargs)
@@ -513,6 +526,44 @@ def _self_attention_length(cache) -> int:
     if cache is None:
         return 0
     return cache.get_seq_length()
+
+
+@contextmanager
+def _planned_cache_length(base: nn.Module, planned: dict):
+    """Records in ``planned["rows"]`` the cache length ``generate`` plans for the real tokens (max_length - 1).
+
+    transformers 5.x passes it to ``_prepare_cache_for_generation(..., max_cache_length)`` (private API, same in
+    5.23 and 5.24); when that method or argument is missing nothing is recorded and the fused cache is sized by
+    its first update and grows 1.5x when decoding passes it, so the result is the same, only with more copies.
+    """
+    original = getattr(base, "_prepare_cache_for_generation", None)
+    try:
+        signature = inspect.signature(original) if original is not None else None
+    except (TypeError, ValueError):
+        signature = None
+    if signature is None or "max_cache_length" not in signature.parameters:
+        yield
+        return
+    had_instance_attr = "_prepare_cache_for_generation" in base.__dict__
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        try:
+            value = signature.bind(*args, **kwargs).arguments.get("max_cache_length")
+        except TypeError:
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            planned["rows"] = value
+        return original(*args, **kwargs)
+
+    base._prepare_cache_for_generation = wrapper
+    try:
+        yield
+    finally:
+        if had_instance_attr:
+            base._prepare_cache_for_generation = original
+        else:
+            del base._prepare_cache_for_generation
 
 
 @contextmanager
@@ -593,13 +644,19 @@ def _generate_causal(peft_model, args: tuple, kwargs: dict):
         # Embeddings given: the prompted embeddings are simply the generation input.
         kwargs["inputs_embeds"] = _prepend_prompts(peft_model, inputs_embeds)
 
+    planned: dict[str, int] = {}
+
     def inject(original, call_args, call_kwargs):
         name, cache = _cache_in(call_kwargs)
         first = _self_attention_length(cache) == 0
         if first and is_prefix:
             step_input = call_args[0] if call_args else call_kwargs.get("input_ids")
             rows = step_input.shape[0] if step_input is not None else call_kwargs["inputs_embeds"].shape[0]
-            call_kwargs[name or cache_kwarg_name(base) or "past_key_values"] = get_prompt(peft_model, rows)
+            # The prefix, the prompt and every new token but the last (which is never fed back): one allocation.
+            max_cache_len = nvt + planned["rows"] if "rows" in planned else None
+            call_kwargs[name or cache_kwarg_name(base) or "past_key_values"] = get_prompt(
+                peft_model, rows, max_cache_len=max_cache_len
+            )
             return original(*call_args, **call_kwargs)
         model_inputs = original(*call_args, **call_kwargs)
         if first and not is_prefix and model_inputs.get("input_ids") is not None:
@@ -612,7 +669,7 @@ def _generate_causal(peft_model, args: tuple, kwargs: dict):
                 model_inputs["position_ids"] = positions[..., -(nvt + step_ids.shape[1]) :]
         return model_inputs
 
-    with _patched_prepare_inputs(base, inject):
+    with _patched_prepare_inputs(base, inject), _planned_cache_length(base, planned):
         if input_ids is None:
             return base.generate(*args, **kwargs)
         return base.generate(input_ids, *args, **kwargs)

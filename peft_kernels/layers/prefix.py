@@ -1,0 +1,172 @@
+"""Preallocated prefix key/value buffers: the storage behind ``tuners/prefix_kv_cache.PrefixKVCache``.
+
+Shapes (``L`` layers, ``B`` batch, ``Hkv`` key/value heads, ``P`` virtual tokens, ``hd`` head dim, ``S`` rows)::
+
+    prefix      [L, 2, Hkv, P, hd]        unbatched (prefix[l, 0] keys, prefix[l, 1] values of layer l)
+    storage     [L, 2, B, Hkv, S, hd]     one allocation, S = P + T_max (input tokens, plus new tokens in generate)
+    K_l, V_l    [B, Hkv, S, hd]           storage[l, 0], storage[l, 1]: transformers' cache layout
+    valid rows  0 … n_l - 1               the prefix (0 … P-1), then the tokens appended so far
+
+Per forward: ``prefix_kv_buffers`` writes the prefix into every layer with ONE ``ops.prefix_kv_write`` call
+(broadcast over B; its backward gives ``dprefix = Σ_b dK_l[b, :, :P]``), then each layer's ``KVBuffer.append``
+runs ``ops.kv_append`` (rows ``n … n+T-1``, in place) and returns the views ``K_l[:, :, :n+T]``, so no step
+re-concatenates the cache (a ``DynamicCache`` ``torch.cat`` allocates and copies ``n+T`` rows per layer per step).
+
+The one allocation keeps the fill a single launch (equal layer strides); each ``K_l``/``V_l`` is taken with
+``.data`` so that it gets its own autograd version counter: an in-place write to layer l must not invalidate
+views of layer l' < l that attention saved for backward (views of one base share the base's counter).
+
+Never silently wrong: when an append does not fit (more rows than S, a wider dtype, another device) the buffer is
+reallocated (``_REGROW`` more rows, contents copied by ``kv_append``, differentiably); when views handed out while
+recording autograd could still be saved for a backward, the next in-place write first moves to a fresh buffer
+(copy-on-write), which is what ``torch.cat`` gives ``DynamicCache`` for free. Rows past ``n`` are never read.
+No transformers import here (ARCHITECTURE.md §3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.prefix import kv_append, prefix_kv_write
+
+# Growth when an append overflows a buffer that has already been appended to (a decode loop past the planned
+# length): 1.5x the rows, at least this many more, so the copies amortize to O(1) per token.
+_REGROW_MIN_ROWS = 64
+
+
+class KVBuffer:
+    """One layer's K, V buffers [B, Hkv, S, hd] of which rows [0, length) are valid.
+
+    ``append(k, v)`` writes k, v [B, Hkv, T, hd] at rows length … length+T-1 and returns (K[:, :, :length+T],
+    V[:, :, :length+T]) (the buffers themselves when full, so autograd records no slice). Dtype follows
+    ``torch.cat``: an append of a wider dtype promotes the buffer; a narrower one is cast up.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, backend: str | None = None):
+        self.k_buf, self.v_buf, self.length = keys, values, int(length)
+        self.backend = backend
+        self.appends = 0
+        # True once views were handed out while autograd recorded: an in-place write could then break a backward.
+        self._exposed = False
+
+    # -------------------------------------------------------------------- shape
+    @property
+    def capacity(self) -> int:
+        return self.k_buf.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_buf.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k_buf.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_buf.device
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K[:, :, :length], V[:, :, :length]), the buffers themselves when every row is valid."""
+        if torch.is_grad_enabled() and (self.k_buf.requires_grad or self.v_buf.requires_grad):
+            self._exposed = True
+        if self.length == self.capacity:
+            return self.k_buf, self.v_buf
+        return self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+    # -------------------------------------------------------------------- writes
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K[:, :, n:n+T] = k, V[:, :, n:n+T] = v (n = length), in place unless a reallocation is due; → views."""
+        dtype = torch.promote_types(torch.promote_types(self.dtype, k.dtype), v.dtype)
+        batch, heads, _, head_dim = self.k_buf.shape
+        if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (batch, heads, head_dim) or v.shape != k.shape:
+            raise ValueError(
+                f"new keys/values {tuple(k.shape)}/{tuple(v.shape)} do not extend a cache of ({batch}, {heads}, "
+                f"{self.length}, {head_dim})"
+            )
+        need = self.length + k.shape[2]
+        if need > self.capacity or dtype != self.dtype or k.device != self.device or self._exposed:
+            capacity = self.capacity
+            if need > capacity:
+                # The first append sizes an unplanned buffer exactly; later ones (decoding past the plan) grow 1.5x.
+                grow = max(capacity // 2, _REGROW_MIN_ROWS) if self.appends > 0 else 0
+                capacity = max(need, capacity + grow)
+            self._reallocate(capacity, dtype, k.device)
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        kv_append(self.k_buf, self.v_buf, k, v, self.length, backend=self.backend)
+        self.length = need
+        self.appends += 1
+        return self.views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last ``-tokens_to_remove`` rows (a negative count, as transformers' ``DynamicLayer.crop``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                "Please use a negative integer to remove that number of tokens from the cache instead."
+            )
+        # Rows stay allocated and are overwritten by the next append; a view taken before keeps its rows until then.
+        self.length = max(0, self.length + tokens_to_remove)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Batch rows ← rows ``index`` (beam search), same batch size: rows [0, length) rewritten in place."""
+        if self.length == 0:
+            return
+        if self._exposed:
+            self._reallocate(self.capacity, self.dtype, self.device)
+        index = index.to(self.device)
+        with torch.no_grad():  # beam search runs without gradients; the gather is a temporary of `length` rows
+            self.k_buf[:, :, : self.length].copy_(self.k_buf[:, :, : self.length].index_select(0, index))
+            self.v_buf[:, :, : self.length].copy_(self.v_buf[:, :, : self.length].index_select(0, index))
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Batch rows ← rows ``index`` (any length, repeats allowed): new buffers of the same capacity."""
+        keys, values = self.views()
+        index = index.to(self.device)
+        self._replace(keys.index_select(0, index), values.index_select(0, index), self.capacity)
+
+    def repeat_interleave(self, repeats: int) -> None:
+        keys, values = self.views()
+        self._replace(keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0), self.capacity)
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Takes ``keys``/``values`` [B, Hkv, n, hd] as the whole buffer (n valid rows); used by offloading code."""
+        self.k_buf, self.v_buf, self.length = keys, values, keys.shape[2]
+        self._exposed = True  # someone else holds these tensors: never write into them in place
+
+    # -------------------------------------------------------------------- reallocation
+    def _reallocate(self, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        keys, values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+        self._replace(keys.to(device=device, dtype=dtype), values.to(device=device, dtype=dtype), capacity)
+
+    def _replace(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        """Fresh buffers of ``capacity`` rows holding ``keys``/``values`` in rows [0, n) (a differentiable copy)."""
+        batch, heads, rows, head_dim = keys.shape
+        capacity = max(capacity, rows)
+        new_k = keys.new_empty((batch, heads, capacity, head_dim))
+        new_v = values.new_empty((batch, heads, capacity, values.shape[3]))
+        self.k_buf, self.v_buf = kv_append(new_k, new_v, keys, values, 0, backend=self.backend)
+        self.length = rows
+        self._exposed = False
+
+
+def prefix_kv_buffers(
+    prefix: torch.Tensor, batch_size: int, capacity: int | None = None, backend: str | None = None
+) -> list[KVBuffer]:
+    """One ``KVBuffer`` per layer, rows [0, P) = the prefix broadcast over ``batch_size``, written by one op call.
+
+    Args:
+        prefix: (L, 2, Hkv, P, hd), may require grad (then dprefix = Σ_b dK_l[b, :, :P] through the op).
+        batch_size: B.
+        capacity: rows S per buffer (P + T_max); None or less than P → P (the first append then sizes it).
+        backend: forwarded to the ops (None: ``PEFT_KERNELS_BACKEND``, then the best available).
+    Returns: L buffers with length P.
+    """
+    n_layers, _, heads, prefix_len, head_dim = prefix.shape
+    rows = max(int(capacity or 0), prefix_len)
+    storage = prefix.new_empty((n_layers, 2, batch_size, heads, rows, head_dim))
+    # .data: same memory, own version counter per layer and per K/V (see the module docstring).
+    k_bufs = [storage[layer, 0].data for layer in range(n_layers)]
+    v_bufs = [storage[layer, 1].data for layer in range(n_layers)]
+    k_bufs, v_bufs = prefix_kv_write(prefix, k_bufs, v_bufs, backend=backend)
+    return [KVBuffer(k, v, prefix_len, backend) for k, v in zip(k_bufs, v_bufs)]
