@@ -265,6 +265,15 @@ class Linear(nn.Module, LoraLayer):
             return False
         if base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"):
             return False
+        # The op reads A and B directly, never calling their forward: a wrapper that materializes weights in its
+        # forward (FSDP1/FSDP2 units, offload hooks) would leave them sharded or stale here. Eager path then.
+        for adapter in self.active_adapters:
+            if adapter in self.lora_A:
+                for layer in (self.lora_A[adapter], self.lora_B[adapter]):
+                    if type(layer) is not nn.Linear or layer._forward_pre_hooks or layer._forward_hooks:
+                        return False
+                    if "forward" in layer.__dict__:  # accelerate's add_hook_to_module replaces forward
+                        return False
         return True
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

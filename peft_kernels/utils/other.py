@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import warnings
 from typing import Optional, Union
 
@@ -208,3 +209,50 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
+
+
+def _fsdp_block_classes(model: nn.Module) -> tuple[type, ...]:
+    """The transformer block classes to shard one by one: FSDP_TRANSFORMER_CLS_TO_WRAP, else _no_split_modules."""
+    by_name = {type(m).__name__: type(m) for m in model.modules()}
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    if names is not None:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise ValueError(
+                f"FSDP_TRANSFORMER_CLS_TO_WRAP names {missing}, which are not module classes of the model."
+            )
+        return tuple(by_name[n] for n in wanted)
+    # _no_split_modules may name classes a given configuration does not instantiate: those are skipped.
+    found = []
+    for module in model.modules():
+        for name in getattr(module, "_no_split_modules", None) or ():
+            if name in by_name and by_name[name] not in found:
+                found.append(by_name[name])
+    return tuple(found)
+
+
+def fsdp_auto_wrap_policy(model: nn.Module):
+    """An FSDP ``auto_wrap_policy`` for a PeftModel: one unit per LoRA layer and per transformer block.
+
+    Units (besides the root): every LoRA layer (base layer + its A/B together), every prompt encoder, and every
+    transformer block (``FSDP_TRANSFORMER_CLS_TO_WRAP`` as accelerate reads it, else the model's
+    ``_no_split_modules``). Unlike PEFT's policy, LoRA A/B are not units of their own: the fused LoRA forward
+    reads the base weight, A and B inside the LoRA layer's own forward, so they must be gathered by the same
+    unit (an A/B unit would only be gathered around a forward of A/B that never runs). A unit thus mixes a
+    frozen base weight with trainable A/B, which FSDP2 always allows and FSDP1 with ``use_orig_params=True``
+    (Trainer's default; ``accelerate launch`` needs ``--fsdp_use_orig_params true``). For FSDP2, apply ``fully_shard`` bottom-up to the modules for which
+    ``policy(module, False, 0)`` is True, then to the root.
+    Returns ``policy(module, recurse, nonwrapped_numel) -> bool`` (PEFT's name and calling convention).
+    """
+    from ..layers._base import BaseTunerLayer
+    from ..tuners import PrefixEncoder, PromptEmbedding, PromptEncoder
+
+    unit_classes = _fsdp_block_classes(model) + (BaseTunerLayer, PrefixEncoder, PromptEncoder, PromptEmbedding)
+
+    def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if recurse:
+            return True  # always look further down; the decision is made per module below
+        return isinstance(module, unit_classes)
+
+    return policy

@@ -23,6 +23,9 @@ from .constants import EMBEDDING_LAYER_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from .other import ModulesToSaveWrapper
 
 MODEL_PREFIX = "base_model.model."
+# Wrappers whose state_dict hooks drop their own segment from keys (FSDP1 units, activation checkpointing):
+# module names under them must drop it too, or the keys would miss the state dicts Trainer/accelerate gather.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def _lora_layer_types():
@@ -38,6 +41,8 @@ def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, st
     model_keys = None
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+        for segment in _WRAPPER_SEGMENTS:
+            prefix = prefix.replace(segment, "")
         if isinstance(module, lora_types):
             for layer_name in module.adapter_layer_names:
                 container = getattr(module, layer_name)
