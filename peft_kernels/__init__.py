@@ -60,7 +60,38 @@ from .utils import (
     set_peft_model_state_dict,
     shift_tokens_right,
 )
+from .utils.other import fsdp_auto_wrap_policy
 from .version import __version__
+
+
+# Hugging Face peft interop (integration/hf_peft.py). Imported on call: `import peft_kernels` never imports peft.
+def patch_peft_model(model):
+    """Runs the LoRA layers of a Hugging Face ``peft`` model on peft_kernels' fused op, in place (same Parameters)."""
+    from .integration.hf_peft import patch_peft_model as impl
+
+    return impl(model)
+
+
+def unpatch_peft_model(model):
+    """Gives the layers patched by ``patch_peft_model`` their PEFT class back, in place."""
+    from .integration.hf_peft import unpatch_peft_model as impl
+
+    return impl(model)
+
+
+def to_hf_peft(model, patch: bool = False):
+    """A peft_kernels LoRA ``PeftModel`` as a ``peft.PeftModel`` over the same base model and Parameters."""
+    from .integration.hf_peft import to_hf_peft as impl
+
+    return impl(model, patch=patch)
+
+
+def from_hf_peft(model):
+    """A ``peft.PeftModel`` (LoRA) as a peft_kernels ``PeftModel`` over the same base model and Parameters."""
+    from .integration.hf_peft import from_hf_peft as impl
+
+    return impl(model)
+
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
@@ -104,6 +135,8 @@ __all__ = [
     "__version__",
     "bloom_model_postprocess_past_key_value",
     "cast_mixed_precision_params",
+    "from_hf_peft",
+    "fsdp_auto_wrap_policy",
     "get_layer_status",
     "quantize_int8",
     "Int8Linear",
@@ -113,7 +146,10 @@ __all__ = [
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "load_peft_weights",
+    "patch_peft_model",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
     "shift_tokens_right",
+    "to_hf_peft",
+    "unpatch_peft_model",
 ]
