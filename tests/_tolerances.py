@@ -73,3 +73,24 @@ def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
     s = signal.to(torch.float64)
     noise = (s - approx.to(torch.float64)).pow(2).sum()
     return float(10.0 * torch.log10(s.pow(2).sum() / noise.clamp_min(1e-300)))
+
+
+# ---- training-stack integration (tests/integration) ----
+# Per-step loss of a 2-process DDP / FSDP1 / FSDP2 run (gloo, fp32) vs one process on the whole batch. Same
+# math, different summation order: the gradient is the average of two half-batch means instead of one
+# full-batch mean, and that ~1-ulp difference flows into the weights at every SGD step. Measured max 5e-7 on
+# the tiny Llama after 3 steps (loss ≈ 4.6, i.e. ~1 ulp); the loss is O(1), so an absolute 1e-5 (20x margin).
+DISTRIBUTED_LOSS = (1e-5, 0.0)
+# LoRA gradients and logits under CPU bf16 autocast, peft_kernels' fused op vs PEFT's eager layers on the same
+# weights: both run the GEMMs in bf16, but the fused backward forms dA/dB from one bf16 product chain while
+# autograd rounds each nn.Linear's output and grad separately, so entries differ by a few bf16 ulps (eps 7.8e-3)
+# of the tensor's largest entry. Used as max|a - b| <= BF16_AUTOCAST_REL * max|b| (small entries are noise at
+# that scale). Measured max 1.2e-2 on the tiny GPT-2/Llama LoRA grads (logits: 0); 4 ulps = 3.2e-2.
+BF16_AUTOCAST_REL = 3.2e-2
+
+
+def assert_close_rel_to_max(actual: torch.Tensor, expected: torch.Tensor, rel: float, name=""):
+    """max|actual - expected| <= rel * max|expected| (tolerance scaled by the tensor's magnitude)."""
+    err = (actual.double() - expected.double()).abs().max().item()
+    bound = rel * expected.double().abs().max().item()
+    assert err <= bound, f"{name}: max error {err:.3e} > {rel} x max|expected| = {bound:.3e}"
