@@ -59,6 +59,10 @@ class PeftModel(nn.Module):
             self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self.base_model_torch_dtype = getattr(model, "dtype", None)
+        # transformers' Trainer recognises PEFT models by class: register ours (adapter-only checkpoints).
+        from .integration.trainer import ensure_trainer_support
+
+        ensure_trainer_support()
 
     # ------------------------------------------------------------------ properties
     @property
