@@ -62,6 +62,8 @@ class LoraLayer(BaseTunerLayer):
             in_features, out_features = base.weight.shape
         elif isinstance(base, nn.Embedding):
             in_features, out_features = base.num_embeddings, base.embedding_dim
+        elif isinstance(base, nn.Conv2d):
+            in_features, out_features = base.in_channels, base.out_channels
         elif hasattr(base, "in_features") and hasattr(base, "out_features"):
             in_features, out_features = base.in_features, base.out_features
         else:
@@ -463,6 +465,254 @@ class Embedding(nn.Module, LoraLayer):
             if adapter in self.lora_embedding_A:
                 result = result + self._embedding_update(x, adapter)
         return result.to(torch_result_dtype)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def _is_pointwise_conv(conv: nn.Conv2d) -> bool:
+    """A 1×1, stride-1, unpadded, ungrouped convolution: a linear map over channels at every pixel."""
+    return (
+        tuple(conv.kernel_size) == (1, 1)
+        and tuple(conv.stride) == (1, 1)
+        # "same" pads (k - 1)·d = 0 pixels for a 1×1 kernel.
+        and (conv.padding in ("valid", "same") or tuple(conv.padding) == (0, 0))
+        and conv.groups == 1
+    )
+
+
+class Conv2d(nn.Module, LoraLayer):
+    """LoRA over ``nn.Conv2d``: y = conv(x; W, b) + Σ_a s_a · B_a(A_a(dropout_a(x))).
+
+    Shapes, with W of shape (C_out, C_in/g, kh, kw) and g = groups:
+
+        lora_A[a] = Conv2d(C_in, r, (kh, kw), stride, padding, dilation, bias=False)   weight (r, C_in, kh, kw)
+        lora_B[a] = Conv2d(r, C_out, (1, 1), groups=g, bias=lora_bias)                 weight (C_out, r/g, 1, 1)
+
+    so A sees the same receptive field as W and B mixes channels per pixel (r must be divisible by g). For
+    g = 1 the update is itself one convolution with the base geometry and weight
+    ΔW = s · einsum("or,rihw->oihw", B[:, :, 0, 0], A), which is what ``merge`` adds to W.
+
+    Forward: a 1×1, stride-1, unpadded, ungrouped base conv is the linear map x_pix·Wᵀ at every pixel, so it
+    runs as one ``ops.lora_linear_multi`` call on x viewed as (N·H·W, C_in); any other geometry runs the eager
+    formula above (base conv, then A and B as convolutions).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        init_lora_weights: Union[bool, str] = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        inference_mode: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        base = self.get_base_layer()
+        if base.weight.dim() != 4:
+            raise ValueError(f"Conv2d layer kernel must have 4 dimensions, not {base.weight.dim()}")
+        if base.groups > 1:
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self._kernel_dim = base.weight.dim()
+        self.update_layer(
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias, inference_mode
+        )
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: Union[bool, str],
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        inference_mode: bool = False,
+    ) -> None:
+        """Adds adapter ``adapter_name``: A (r, C_in, kh, kw), B (C_out, r/g, 1, 1), dropout, s = α/r (α/√r)."""
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout should be in [0, 1), got {lora_dropout}")
+        base = self.get_base_layer()
+        if r % base.groups != 0:
+            raise ValueError(
+                f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. "
+                "Currently, support is limited to conv layers where the rank is divisible by groups. "
+                "Either choose a different rank or do not target this specific layer."
+            )
+        if lora_bias and getattr(base, "bias", None) is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type {type(base).__name__} has no bias. "
+                "This means that merging LoRA weights won't be possible."
+            )
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        # PEFT builds A with the base kernel, stride and padding (zeros padding mode, as PEFT). It leaves out
+        # the dilation, which for a dilated k×k base makes A's output a different size and the forward fail;
+        # passing it changes nothing where PEFT works (dilation is not a parameter, checkpoints are the same).
+        self.lora_A[adapter_name] = nn.Conv2d(
+            self.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
+        )
+        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), groups=base.groups, bias=lora_bias)
+        self.lora_bias[adapter_name] = lora_bias
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = use_rslora
+        self.use_dora[adapter_name] = False
+        if init_lora_weights:
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW = s · einsum("or,rihw->oihw", B, A): (C_out, C_in, kh, kw); fp32 for 16-bit weights on CPU.
+
+        Only defined for groups = 1: with g > 1, ΔW is a dense (C_out, C_in, kh, kw) kernel that the grouped
+        base weight (C_out, C_in/g, kh, kw) cannot hold.
+        """
+        base = self.get_base_layer()
+        if base.groups > 1:
+            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+        weight_a = self.lora_A[adapter].weight
+        weight_b = self.lora_B[adapter].weight
+        dtype = weight_a.dtype
+        cast_to_fp32 = weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast_to_fp32:
+            weight_a, weight_b = weight_a.float(), weight_b.float()
+        # B is 1×1, so composing the two convolutions is a matmul over the rank axis.
+        delta = (weight_b.flatten(1) @ weight_a.flatten(1)).view(base.weight.shape) * self.scaling[adapter]
+        return delta.to(dtype) if cast_to_fp32 else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W += ΔW_a for each adapter (and b += s·b_B with lora_bias); ``safe_merge`` checks finiteness first."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base_layer = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.lora_A:
+                continue
+            if base_layer.groups > 1:
+                raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+            if self.lora_bias[adapter] and base_layer.bias is None:
+                raise RuntimeError(
+                    "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias."
+                )
+            delta = self.get_delta_weight(adapter).to(base_layer.weight.dtype)
+            new_bias = None
+            if self.lora_bias[adapter]:
+                new_bias = base_layer.bias + self.lora_B[adapter].bias * self.scaling[adapter]
+            if safe_merge:
+                merged = base_layer.weight.data.clone() + delta
+                finite = torch.isfinite(merged).all() and (new_bias is None or torch.isfinite(new_bias).all())
+                if not finite:
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                base_layer.weight.data = merged
+            else:
+                base_layer.weight.data += delta
+            if new_bias is not None:
+                base_layer.bias.data = new_bias.detach().to(base_layer.bias.dtype)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """W -= ΔW_a (and b -= s·b_B) in reverse merge order."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
+                if self.lora_bias[adapter]:
+                    base_layer.bias.data -= (self.lora_B[adapter].bias * self.scaling[adapter]).to(
+                        base_layer.bias.dtype
+                    )
+
+    def _pointwise_path_ok(self, x: torch.Tensor, base_layer: nn.Module, active: list[str], args, kwargs) -> bool:
+        """The op computes exactly what base + eager LoRA would: plain 1×1 convs, no hooks, a batched input."""
+        if args or kwargs or x.dim() != 4:
+            return False
+        if type(base_layer) is not nn.Conv2d or not _is_pointwise_conv(base_layer):
+            return False
+        if base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"):
+            return False
+        # The op reads A and B directly and never runs their forward: wrappers that materialize weights in
+        # their forward (FSDP units, offload hooks) must take the eager path.
+        for adapter in active:
+            for layer in (self.lora_A[adapter], self.lora_B[adapter]):
+                if type(layer) is not nn.Conv2d or layer._forward_pre_hooks or layer._forward_hooks:
+                    return False
+                if "forward" in layer.__dict__:
+                    return False
+        return True
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        base_layer = self.base_layer
+        if not active:
+            return base_layer(x, *args, **kwargs)
+        if self._pointwise_path_ok(x, base_layer, active, args, kwargs):
+            return self._pointwise_forward(x, base_layer, active)
+        result = base_layer(x, *args, **kwargs)
+        torch_result_dtype = result.dtype
+        for adapter in active:
+            result = result + self._eager_lora_update(x, adapter)
+        return result.to(torch_result_dtype)
+
+    def _pointwise_forward(self, x: torch.Tensor, base_layer: nn.Conv2d, active: list[str]) -> torch.Tensor:
+        """1×1 conv as a GEMM: x (N, C_in, H, W) → rows (N·H·W, C_in) → one fused op → (N, C_out, H, W).
+
+        Weights enter as views: W (C_out, C_in), A (r, C_in), B (C_out, r); gradients flow back through them.
+        """
+        n, c_in, h, w = x.shape
+        # A channels_last input needs no copy to become rows; conv2d would then also return channels_last.
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
+        weight = base_layer.weight.flatten(1)
+        bias = base_layer.bias
+        lora_a, lora_b, lora_b_bias, dropout_p, scales = [], [], [], [], []
+        training = False
+        for adapter in active:
+            a_layer, b_layer, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]
+            lora_a.append(a_layer.weight.flatten(1))
+            lora_b.append(b_layer.weight.flatten(1))
+            lora_b_bias.append(b_layer.bias)
+            scales.append(self.scaling[adapter])
+            if isinstance(dropout, nn.Dropout):
+                dropout_p.append(dropout.p)
+                training = training or dropout.training
+            else:
+                dropout_p.append(0.0)
+        if torch.is_autocast_enabled(x.device.type):
+            # conv2d runs in the autocast dtype (CUDA fp16/bf16, CPU bf16 lists): every operand cast, as there.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            rows, weight = rows.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            lora_a = [t.to(dtype) for t in lora_a]
+            lora_b = [t.to(dtype) for t in lora_b]
+            lora_b_bias = [t.to(dtype) if t is not None else None for t in lora_b_bias]
+        y = ops.lora_linear_multi(rows, weight, bias, lora_a, lora_b, lora_b_bias, scales, dropout_p, training)
+        y = y.view(n, h, w, -1).permute(0, 3, 1, 2)
+        return y if channels_last else y.contiguous()
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

@@ -1,8 +1,8 @@
 from .config import LoftQConfig, LoraConfig, LoraRuntimeConfig
-from .layer import Embedding, Linear, LoraLayer
+from .layer import Conv2d, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
-__all__ = ["Embedding", "Linear", "LoftQConfig", "LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig"]
+__all__ = ["Conv2d", "Embedding", "Linear", "LoftQConfig", "LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig"]
 
 
 def __getattr__(name):

@@ -1,5 +1,5 @@
-"""Path shim: PEFT users import ``peft.tuners.lora.layer.{LoraLayer, Linear, Embedding}``."""
+"""Path shim: PEFT users import ``peft.tuners.lora.layer.{LoraLayer, Linear, Embedding, Conv2d}``."""
 
-from ...layers.lora import Embedding, Linear, LoraLayer
+from ...layers.lora import Conv2d, Embedding, Linear, LoraLayer
 
-__all__ = ["Embedding", "Linear", "LoraLayer"]
+__all__ = ["Conv2d", "Embedding", "Linear", "LoraLayer"]

@@ -7,7 +7,7 @@ import warnings
 from torch import nn
 
 from ...layers.int8 import Int8Linear
-from ...layers.lora import Embedding, Linear, LoraLayer
+from ...layers.lora import Conv2d, Embedding, Linear, LoraLayer
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ..tuners_utils import BaseTuner, _is_conv1d, get_pattern_key
 
@@ -19,7 +19,7 @@ def _is_int8_base(module: nn.Module) -> bool:
 
 
 class LoraModel(BaseTuner):
-    """Injects ``lora.Linear`` / ``lora.Embedding`` (and ``lora.Linear8bitLt`` over bitsandbytes int8) layers."""
+    """Injects ``lora.Linear`` / ``lora.Embedding`` / ``lora.Conv2d`` (and ``lora.Linear8bitLt`` over bnb int8)."""
 
     prefix: str = "lora_"
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -50,14 +50,14 @@ class LoraModel(BaseTuner):
 
     def _check_target_module_compatible(self, config, target: nn.Module, key: str) -> None:
         base = target.get_base_layer() if isinstance(target, LoraLayer) else target
-        if isinstance(base, (nn.Linear, nn.Embedding)) or _is_conv1d(base) or _is_int8_base(base):
+        if isinstance(base, (nn.Linear, nn.Embedding, nn.Conv2d)) or _is_conv1d(base) or _is_int8_base(base):
             if config.lora_bias and isinstance(base, nn.Embedding):
                 raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding (module {key!r}).")
             return
         raise NotImplementedError(
             f"Target module {key!r} of type {type(base).__name__} is not supported by peft_kernels LoRA. "
-            "Supported types: torch.nn.Linear, torch.nn.Embedding, transformers Conv1D, bitsandbytes Linear8bitLt, "
-            "peft_kernels Int8Linear."
+            "Supported types: torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d, transformers Conv1D, "
+            "bitsandbytes Linear8bitLt, peft_kernels Int8Linear."
         )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
@@ -93,6 +93,8 @@ class LoraModel(BaseTuner):
                 return module
         if isinstance(target, nn.Embedding):
             return Embedding(target, adapter_name, **kwargs)
+        if isinstance(target, nn.Conv2d):
+            return Conv2d(target, adapter_name, **kwargs)
         if isinstance(target, nn.Linear):
             if config.fan_in_fan_out:
                 warnings.warn(
