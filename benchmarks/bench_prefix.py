@@ -1,0 +1,421 @@
+"""Prefix tuning K/V cache: bytes allocated and time per training step and per generated token.
+
+    python benchmarks/bench_prefix.py [--shapes 1x64x16 4x128x16 8x256x32] [--reps 11] [--out results.csv]
+    python benchmarks/bench_prefix.py --gpu [--dry-run] [--out benchmarks/results/<gpu>.csv]
+
+Providers (same weights, same inputs):
+- ``peft``: peft 0.21.2 ``PrefixTuningConfig``: the encoder runs on B×P tokens, the prefix becomes a transformers
+  ``DynamicCache`` and every attention layer ``torch.cat``s its new K/V onto it (P+T rows copied per layer per step);
+- ``pk-dynamic``: peft_kernels with ``PEFT_KERNELS_PREFIX_CACHE=dynamic`` (encoder on P tokens, broadcast prefix,
+  the same ``DynamicCache``): isolates the B-fold encoder work from the cache;
+- ``pk-fused``: peft_kernels' default ``PrefixKVCache``: per-layer buffers [B, Hkv, P + T_max, hd] allocated once,
+  the prefix written by one ``prefix_kv_write`` call, new K/V appended in place by ``kv_append``.
+
+Model: a Llama-style decoder from a config with random weights (CPU: hidden 256, 4 layers, 8 query / 2 key-value
+heads of 32, MLP 688, vocabulary 1024, fp32, SDPA attention; ``--gpu``: hidden 2048, 16 layers, 32 / 8 heads of
+64, MLP 5632, vocabulary 32000, bf16). Inputs are random token ids, attention mask all ones.
+
+Measured, per (B, T, P):
+- ``train``: one step = forward with labels + backward (gradients of the trainable prefix encoder only; the
+  optimizer step is the same for every provider and left out).
+- ``decode``: ``generate`` greedy with exactly n new tokens (min_new_tokens = max_new_tokens = n) for n = n1 and
+  n2; per generated token = (value(n2) - value(n1)) / (n2 - n1), which cancels the prefill and setup.
+
+Method, CPU:
+- Bytes allocated: ``torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True)`` around one
+  call; the profiler's memory timeline (``prof._memory_profile().timeline``, allocator-level events, so temporaries
+  inside custom ops and in autograd's backward count too) gives every allocation (CREATE) and free (DESTROY).
+  ``bytes`` = sum of all allocations; ``peak`` = the largest running total of live bytes allocated during the call
+  (allocations minus frees since its start). Deterministic for a given shape (no sampling involved).
+- Time: ``time.perf_counter`` around the call, providers interleaved in every repetition (drift hits all alike),
+  medians with p20/p80 over ``--reps`` after ``--warmup`` rounds; ``torch.set_num_threads(--threads)``.
+- Parity: the train loss and the generated ids of every provider are compared with ``peft``'s and reported.
+
+Method, ``--gpu`` (needs a CUDA device; ``--dry-run`` prints the plan and exits): B=8, T=2048, P=32, bf16. Time
+with CUDA events around each call after a synchronize (median of ``--reps``); memory as
+``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the allocation before the call.
+Train step and a 256-token generation from a T-token prompt; per-token decode time from n1 = 32 and n2 = 256.
+
+CSV rows (``--out``, appended): op, provider, mode, metric, unit, B, T, P, p50, p20, p80, same_as_peft, device,
+threads, torch, transformers, peft, peft_kernels, git_sha, timestamp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+PROVIDERS = ("peft", "pk-dynamic", "pk-fused")
+CPU_SHAPES = ("1x64x16", "4x128x16", "8x256x32")
+CPU_MODEL = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=688,
+    vocab_size=1024,
+)
+GPU_MODEL = dict(
+    hidden_size=2048,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=5632,
+    vocab_size=32000,
+)
+GPU_SHAPE = (8, 2048, 32)
+GPU_DECODE = (32, 256)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def build_models(model_kwargs: dict, num_virtual_tokens: int, dtype, device):
+    """{provider: model}: peft 0.21.2 and peft_kernels prefix-tuned copies of one random Llama, same weights."""
+    import peft
+    import transformers as tf
+
+    import peft_kernels as pk
+
+    config = tf.LlamaConfig(
+        **model_kwargs,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    models = {}
+    for name, lib in (("peft", peft), ("pk", pk)):
+        torch.manual_seed(0)
+        with torch.device(device):  # initialise on the device: a CPU init of the GPU model takes minutes
+            base = tf.LlamaForCausalLM(config).to(dtype=dtype).eval()
+        cfg = lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[name] = lib.get_peft_model(base, cfg)
+    models["pk"].load_state_dict(models["peft"].state_dict())
+    return {"peft": models["peft"], "pk-dynamic": models["pk"], "pk-fused": models["pk"]}
+
+
+@contextlib.contextmanager
+def cache_mode(provider: str):
+    """Selects peft_kernels' prefix cache path for one call (read per call from PEFT_KERNELS_PREFIX_CACHE)."""
+    previous = os.environ.get("PEFT_KERNELS_PREFIX_CACHE")
+    if provider.startswith("pk-"):
+        os.environ["PEFT_KERNELS_PREFIX_CACHE"] = provider.removeprefix("pk-")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PEFT_KERNELS_PREFIX_CACHE", None)
+        else:
+            os.environ["PEFT_KERNELS_PREFIX_CACHE"] = previous
+
+
+def train_fn(model, input_ids, mask):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        for p in params:
+            p.grad = None
+        out = model(input_ids=input_ids, attention_mask=mask, labels=input_ids)
+        out.loss.backward()
+        return out.loss.detach()
+
+    return run
+
+
+def decode_fn(model, input_ids, mask, new_tokens: int):
+    def run():
+        with torch.no_grad():
+            return model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ CPU method
+def allocated_bytes(fn) -> tuple[int, int, object]:
+    """(bytes allocated in total, peak live bytes above the start, fn's result) of one call of fn (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+        ) as prof:
+            result = fn()
+        timeline = prof._memory_profile().timeline
+    total = live = peak = 0
+    for _t, action, _key, nbytes in timeline:
+        name = getattr(action, "name", str(action))
+        if name == "CREATE":
+            total += nbytes
+            live += nbytes
+            peak = max(peak, live)
+        elif name == "DESTROY":
+            live -= nbytes
+    return total, peak, result
+
+
+def quantiles(samples):
+    s = sorted(samples)
+    if len(s) < 3:
+        return statistics.median(s), s[0], s[-1]
+    q = statistics.quantiles(s, n=10)
+    return statistics.median(s), q[1], q[7]
+
+
+def timed_interleaved(fns: dict, reps: int, warmup: int, timer) -> dict:
+    """{name: [seconds]}: every repetition runs each fn once, in a rotating order."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            with cache_mode(name):
+                fns[name]()
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            with cache_mode(name):
+                times[name].append(timer(fns[name]))
+    return times
+
+
+def cpu_timer(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_cpu(args) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    rows = []
+    n1, n2 = args.decode_tokens
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}"
+    )
+    header = f"{'B':>2} {'T':>4} {'P':>3} {'mode':<7} {'provider':<11} {'MB alloc':>9} {'MB peak':>8}"
+    print(header + f" {'ms p50 [p20,p80]':>24} {'same':>5}")
+    for shape in args.shapes:
+        batch, length, prefix = (int(v) for v in shape.split("x"))
+        models = build_models(CPU_MODEL, prefix, torch.float32, "cpu")
+        gen = torch.Generator().manual_seed(1)
+        input_ids = torch.randint(3, CPU_MODEL["vocab_size"], (batch, length), generator=gen)
+        mask = torch.ones(batch, length, dtype=torch.long)
+
+        # ---- train step
+        fns = {p: train_fn(models[p], input_ids, mask) for p in PROVIDERS}
+        stats = {}
+        for provider in PROVIDERS:
+            with cache_mode(provider):
+                stats[provider] = allocated_bytes(fns[provider])
+        times = timed_interleaved(fns, args.reps, args.warmup, cpu_timer)
+        for provider in PROVIDERS:
+            total, peak, loss = stats[provider]
+            same = bool(torch.allclose(loss, stats["peft"][2], rtol=1e-5, atol=1e-6))
+            p50, p20, p80 = (1e3 * v for v in quantiles(times[provider]))
+            print(
+                f"{batch:>2} {length:>4} {prefix:>3} {'train':<7} {provider:<11} {total / 1e6:>9.2f} {peak / 1e6:>8.2f}"
+                f" {p50:>8.2f} [{p20:.2f},{p80:.2f}] {str(same):>5}"
+            )
+            base = dict(provider=provider, mode="train", B=batch, T=length, P=prefix, same_as_peft=same)
+            rows.append({**base, "metric": "bytes_allocated", "unit": "B", "p50": total, "p20": total, "p80": total})
+            rows.append({**base, "metric": "peak_bytes", "unit": "B", "p50": peak, "p20": peak, "p80": peak})
+            rows.append({**base, "metric": "time", "unit": "ms", "p50": p50, "p20": p20, "p80": p80})
+
+        # ---- decode: per generated token from two lengths
+        per_len = {}
+        for n in (n1, n2):
+            fns = {p: decode_fn(models[p], input_ids, mask, n) for p in PROVIDERS}
+            mem = {}
+            for provider in PROVIDERS:
+                with cache_mode(provider):
+                    mem[provider] = allocated_bytes(fns[provider])
+            times = timed_interleaved(fns, args.reps, args.warmup, cpu_timer)
+            per_len[n] = (mem, times)
+        for provider in PROVIDERS:
+            (m1, t1), (m2, t2) = per_len[n1], per_len[n2]
+            steps = n2 - n1
+            per_token = (m2[provider][0] - m1[provider][0]) / steps
+            same = all(torch.equal(per_len[n][0][provider][2], per_len[n][0]["peft"][2]) for n in (n1, n2))
+            ms = 1e3 * (statistics.median(t2[provider]) - statistics.median(t1[provider])) / steps
+            print(
+                f"{batch:>2} {length:>4} {prefix:>3} {'decode':<7} {provider:<11} {per_token / 1e6:>9.3f}"
+                f" {'':>8} {ms:>8.3f} {'(per token)':<15} {str(same):>5}"
+            )
+            base = dict(provider=provider, mode="decode", B=batch, T=length, P=prefix, same_as_peft=same)
+            rows.append({**base, "metric": "bytes_per_token", "unit": "B", "p50": per_token, "p20": "", "p80": ""})
+            rows.append({**base, "metric": "time_per_token", "unit": "ms", "p50": ms, "p20": "", "p80": ""})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ GPU method
+def gpu_plan(args) -> str:
+    batch, length, prefix = GPU_SHAPE
+    n1, n2 = GPU_DECODE
+    return (
+        f"GPU plan: Llama-style {GPU_MODEL} bf16, SDPA; B={batch}, T={length}, P={prefix}; providers {PROVIDERS}\n"
+        f"  train: forward(labels) + backward, {args.warmup} warmup + {args.reps} timed (CUDA events, median),"
+        " peak memory above the start\n"
+        f"  decode: generate greedy with exactly {n1} and {n2} new tokens from the T-token prompt,"
+        f" {max(1, args.reps // 3)} timed each; ms per token = (t({n2}) - t({n1})) / {n2 - n1}; peak memory of the"
+        f" {n2}-token call\n"
+        f"  rows: --out {args.out or '(none)'}"
+    )
+
+
+def cuda_timer(fn) -> float:
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / 1e3
+
+
+def cuda_peak(fn) -> int:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def prefix_backend() -> str:
+    """The backend the CUDA dispatch picks for kv_append on bf16 tensors (priority list of ops/_dispatch.py)."""
+    from peft_kernels.ops import _dispatch
+
+    buf = torch.zeros(1, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    new = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    for name in _dispatch.PRIORITY["kv_append"]:
+        if not _dispatch.call_reasons(name, "kv_append", buf, buf.clone(), new, new, 0):
+            return name
+    return "none"
+
+
+def run_gpu(args) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device (torch.cuda.is_available() is False); use --dry-run for the plan")
+    batch, length, prefix = GPU_SHAPE
+    n1, n2 = GPU_DECODE
+    models = build_models(GPU_MODEL, prefix, torch.bfloat16, "cuda")
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, GPU_MODEL["vocab_size"], (batch, length), generator=gen).cuda()
+    mask = torch.ones(batch, length, dtype=torch.long, device="cuda")
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; prefix ops on: {prefix_backend()}")
+
+    fns = {p: train_fn(models[p], input_ids, mask) for p in PROVIDERS}
+    times = timed_interleaved(fns, args.reps, args.warmup, cuda_timer)
+    for provider in PROVIDERS:
+        with cache_mode(provider):
+            peak = cuda_peak(fns[provider])
+        p50, p20, p80 = (1e3 * v for v in quantiles(times[provider]))
+        print(f"train  {provider:<11} {p50:9.2f} ms [{p20:.2f},{p80:.2f}]  peak {peak / 2**30:.2f} GiB")
+        base = dict(provider=provider, mode="train", B=batch, T=length, P=prefix, same_as_peft="")
+        rows.append({**base, "metric": "time", "unit": "ms", "p50": p50, "p20": p20, "p80": p80})
+        rows.append({**base, "metric": "peak_bytes", "unit": "B", "p50": peak, "p20": peak, "p80": peak})
+
+    decode_reps = max(1, args.reps // 3)
+    per_len = {}
+    for n in (n1, n2):
+        fns = {p: decode_fn(models[p], input_ids, mask, n) for p in PROVIDERS}
+        per_len[n] = (fns, timed_interleaved(fns, decode_reps, 1, cuda_timer))
+    for provider in PROVIDERS:
+        t1, t2 = per_len[n1][1][provider], per_len[n2][1][provider]
+        ms = 1e3 * (statistics.median(t2) - statistics.median(t1)) / (n2 - n1)
+        total = 1e3 * statistics.median(t2)
+        with cache_mode(provider):
+            peak = cuda_peak(per_len[n2][0][provider])
+        print(f"decode {provider:<11} {ms:9.3f} ms/token, {n2} tokens {total:.1f} ms, peak {peak / 2**30:.2f} GiB")
+        base = dict(provider=provider, mode="decode", B=batch, T=length, P=prefix, same_as_peft="")
+        rows.append({**base, "metric": "time_per_token", "unit": "ms", "p50": ms, "p20": "", "p80": ""})
+        rows.append({**base, "metric": f"time_{n2}_tokens", "unit": "ms", "p50": total, "p20": "", "p80": ""})
+        rows.append({**base, "metric": "peak_bytes", "unit": "B", "p50": peak, "p20": "", "p80": ""})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ output
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_rows(rows: list[dict], path: str, device: str, threads: int) -> None:
+    import peft
+    import transformers
+
+    import peft_kernels as pk
+
+    fields = ["op", "provider", "mode", "metric", "unit", "B", "T", "P", "p50", "p20", "p80", "same_as_peft"]
+    fields += ["device", "threads", "torch", "transformers", "peft", "peft_kernels", "git_sha", "timestamp"]
+    extra = dict(
+        op="prefix_kv",
+        device=device,
+        threads=threads,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        peft_kernels=pk.__version__,
+        git_sha=git_sha(),
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    )
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**extra, **row})
+    print(f"wrote {len(rows)} rows to {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(CPU_SHAPES), help="BxTxP, CPU mode")
+    parser.add_argument("--decode-tokens", nargs=2, type=int, default=(8, 24), metavar=("N1", "N2"))
+    parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU mode)")
+    parser.add_argument("--gpu", action="store_true", help="B=8, T=2048, P=32 on a CUDA device")
+    parser.add_argument("--dry-run", action="store_true", help="print the GPU plan and exit")
+    parser.add_argument("--out", default=None, help="append CSV rows here")
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped
+    if args.gpu or args.dry_run:
+        print(gpu_plan(args))
+        if args.dry_run:
+            return
+        rows, device = run_gpu(args), torch.cuda.get_device_name()
+    else:
+        rows, device = run_cpu(args), platform.processor() or platform.machine() or "cpu"
+    if args.out and rows:
+        write_rows(rows, args.out, device, torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()
