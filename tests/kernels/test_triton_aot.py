@@ -52,11 +52,11 @@ def _example_args(op: str, xd: str, ad: str, rank: int) -> dict:
         )  # fmt: skip
     if op == "linear_lora_fwd":
         return dict(
-            x_ptr=f"*{xd}", w_ptr=f"*{xd}", bias_ptr=f"*{xd}", s_ptr="*fp32", b_ptr=f"*{ad}", bb_ptr=f"*{ad}",
-            y_ptr=f"*{xd}", M=_M, N=_N, K=_K, r=r, scaling=2.0,
-            stride_xm=_K, stride_xk=1, stride_wn=_K, stride_wk=1, stride_bias=1, stride_sm=r, stride_sr=1,
-            stride_bn=r, stride_br=1, stride_bb=1, stride_ym=_N, stride_yn=1,
-            LORA_CHUNK=_configs.LORA_CHUNK, HAS_BIAS=True, HAS_LORA_BIAS=True,
+            x_ptr=f"*{xd}", w_ptr=f"*{xd}", wscale_ptr="*fp32", bias_ptr=f"*{xd}", s_ptr="*fp32", b_ptr=f"*{ad}",
+            bb_ptr=f"*{ad}", y_ptr=f"*{xd}", M=_M, N=_N, K=_K, r=r, scaling=2.0,
+            stride_xm=_K, stride_xk=1, stride_wn=_K, stride_wk=1, stride_ws=1, stride_bias=1, stride_sm=r,
+            stride_sr=1, stride_bn=r, stride_br=1, stride_bb=1, stride_ym=_N, stride_yn=1,
+            LORA_CHUNK=_configs.LORA_CHUNK, HAS_BIAS=True, HAS_LORA_BIAS=True, IS_INT8=False,
         )  # fmt: skip
     if op == "lora_bwd_dys_dyb":
         return dict(
@@ -68,11 +68,11 @@ def _example_args(op: str, xd: str, ad: str, rank: int) -> dict:
         )  # fmt: skip
     if op == "linear_lora_bwd_dx":
         return dict(
-            dy_ptr=f"*{xd}", w_ptr=f"*{xd}", ds_ptr="*fp32", a_ptr=f"*{ad}", seed_ptr="*i64", dx_ptr=f"*{xd}",
-            M=_M, N=_N, K=_K, r=r, p=0.1, inv_keep=1 / 0.9,
-            stride_dym=_N, stride_dyn=1, stride_wn=_K, stride_wk=1, stride_dsm=r, stride_dsr=1,
+            dy_ptr=f"*{xd}", w_ptr=f"*{xd}", wscale_ptr="*fp32", ds_ptr="*fp32", a_ptr=f"*{ad}", seed_ptr="*i64",
+            dx_ptr=f"*{xd}", M=_M, N=_N, K=_K, r=r, p=0.1, inv_keep=1 / 0.9,
+            stride_dym=_N, stride_dyn=1, stride_wn=_K, stride_wk=1, stride_ws=1, stride_dsm=r, stride_dsr=1,
             stride_ar=_K, stride_ak=1, stride_dxm=_K, stride_dxk=1,
-            LORA_CHUNK=_configs.LORA_CHUNK, HAS_DROPOUT=True,
+            LORA_CHUNK=_configs.LORA_CHUNK, HAS_DROPOUT=True, IS_INT8=False,
         )  # fmt: skip
     if op == "lora_bwd_da":
         return dict(
@@ -84,10 +84,19 @@ def _example_args(op: str, xd: str, ad: str, rank: int) -> dict:
     raise KeyError(op)
 
 
-def compile_kernel(op: str, cap: int, xd: str, ad: str, rank: int, config: triton.Config, dropout: bool = True):
-    """triton.compile of lora.KERNELS[op] for sm_<cap>, specialised as the runtime would for these arguments."""
+def compile_kernel(
+    op: str, cap: int, xd: str, ad: str, rank: int, config: triton.Config, dropout: bool = True, overrides=None
+):
+    """triton.compile of lora.KERNELS[op] for sm_<cap>, specialised as the runtime would for these arguments
+    (``overrides`` replaces example arguments, e.g. the int8 variant's ``w_ptr="*i8", IS_INT8=True``)."""
     kernel = lora.KERNELS[op]
-    values = {**_example_args(op, xd, ad, rank), **config.kwargs, "PREC": "tf32x3", "UPCAST": False}
+    values = {
+        **_example_args(op, xd, ad, rank),
+        **(overrides or {}),
+        **config.kwargs,
+        "PREC": "tf32x3",
+        "UPCAST": False,
+    }
     if "HAS_DROPOUT" in values:
         values["HAS_DROPOUT"] = dropout
     signature, constexprs, attrs = {}, {}, {}

@@ -22,6 +22,9 @@ bf16 ``tl.dot`` wrongly. FMA contraction is pinned on (``enable_fp_fusion=True``
 
 Reductions across programs (split-K of F1, dS/dB of B1, dA of B3) use fp32 ``tl.atomic_add`` into zeroed buffers,
 or, when ``torch.are_deterministic_algorithms_enabled()``, per-split workspaces summed by torch in a fixed order.
+
+F2 and B2, the only kernels that read W, take a constexpr ``IS_INT8`` for int8 weight-only bases with a per-row
+fp32 scale; ``lora_int8.py`` launches them through ``forward`` / ``backward`` below and states that variant.
 """
 
 from __future__ import annotations
@@ -101,6 +104,24 @@ def _reduce_store(ptrs, val, mask, ATOMIC: tl.constexpr):
         tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
     else:
         tl.store(ptrs, val, mask=mask)
+
+
+@triton.jit
+def _lora_term(
+    acc, s_ptr, b_ptr, rows, cols, r, s_mult, stride_sm, stride_sr, stride_bn, stride_br,
+    LORA_CHUNK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """acc + (s_mult·S[rows, :])·B[cols, :]ᵀ in rank chunks of LORA_CHUNK (a 16-bit dot needs K >= 16; the last
+    chunk is padded with zeros). S: (M, r) fp32; B: (N, r). s_mult scales the [BLOCK_M, LORA_CHUNK] S tile (one
+    fp32 rounding) rather than the [BLOCK_M, BLOCK_N] product: fewer multiplies, and the caller's accumulator
+    may already hold another term (the int8 base) that must not be scaled."""
+    offs_c = tl.arange(0, LORA_CHUNK)
+    for r0 in range(0, r, LORA_CHUNK):
+        rr = r0 + offs_c
+        s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < r, other=0.0)
+        b_t = tl.load(b_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn, mask=rr[:, None] < r, other=0.0)
+        acc = _dot_acc(s_tile * s_mult, b_t, acc, PREC, UPCAST)
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,6 +210,7 @@ def _linear_lora_fwd_kernel(
     # Pointers
     x_ptr,
     w_ptr,
+    wscale_ptr,
     bias_ptr,
     s_ptr,
     b_ptr,
@@ -205,6 +227,7 @@ def _linear_lora_fwd_kernel(
     stride_xk,
     stride_wn,
     stride_wk,
+    stride_ws,
     stride_bias,
     stride_sm,
     stride_sr,
@@ -221,6 +244,7 @@ def _linear_lora_fwd_kernel(
     LORA_CHUNK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LORA_BIAS: tl.constexpr,
+    IS_INT8: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -228,6 +252,9 @@ def _linear_lora_fwd_kernel(
 
     x: (M, K) any strides; W: (N, K) any strides (Conv1D's transposed view included); S: (M, r) fp32;
     B: (N, r); bias, b_B: (N,). y: (M, N) written once, in its own dtype.
+    IS_INT8 (W8A16, lora_int8.py): W is int8 and wscale (N,) fp32 its per-row scale, y = (x·Wᵀ)⊙wscale + ...:
+    each int8 tile is converted to x's dtype in registers (exact, |W| <= 127), the scale multiplies the fp32
+    base accumulator after the K loop, and the LoRA term is added after that, so it is never scaled.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -239,15 +266,13 @@ def _linear_lora_fwd_kernel(
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
 
-    # ---- LoRA term: s·S·Bᵀ over rank chunks of LORA_CHUNK (a 16-bit dot needs K >= 16; padded with zeros)
+    # ---- LoRA term s·S·Bᵀ seeds the accumulator (16-bit bases; an int8 base adds it after its scale, below)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_c = tl.arange(0, LORA_CHUNK)
-    for r0 in range(0, r, LORA_CHUNK):
-        rr = r0 + offs_c
-        s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < r, other=0.0)
-        b_t = tl.load(b_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn, mask=rr[:, None] < r, other=0.0)
-        acc = _dot_acc(s_tile, b_t, acc, PREC, UPCAST)
-    acc = acc * scaling
+    if not IS_INT8:
+        acc = _lora_term(
+            acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br,
+            LORA_CHUNK, PREC, UPCAST,
+        )  # fmt: skip
 
     # ---- base GEMM x·Wᵀ into the same accumulator
     # Pointer increments BLOCK_K·stride are 32-bit: fine while a stride along K stays below 2**31 / BLOCK_K.
@@ -257,9 +282,25 @@ def _linear_lora_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
         w_t = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+        if IS_INT8:
+            # int8 -> x's dtype in registers: exact (integers <= 127 fit bf16's 8-bit significand); tl.dot needs
+            # equal operand dtypes, and an int8 x int8 dot would accumulate in int32 (KERNELS.md §10.8).
+            if UPCAST:
+                # triton 3.9's interpreter casts int8 -> bf16 by reinterpreting bits (-120 -> nan); via fp32 is exact.
+                w_t = w_t.to(tl.float32).to(x.dtype)
+            else:
+                w_t = w_t.to(x.dtype)
         acc = _dot_acc(x, w_t, acc, PREC, UPCAST)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+
+    if IS_INT8:
+        # ---- per-row scale on the fp32 base sum (one multiply per output), then the unscaled LoRA term
+        acc = acc * tl.load(wscale_ptr + cols * stride_ws)[None, :]
+        acc = _lora_term(
+            acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br,
+            LORA_CHUNK, PREC, UPCAST,
+        )  # fmt: skip
 
     # ---- epilogue: biases in fp32, one rounding to y's dtype
     if HAS_BIAS:
@@ -367,6 +408,7 @@ def _linear_lora_bwd_dx_kernel(
     # Pointers
     dy_ptr,
     w_ptr,
+    wscale_ptr,
     ds_ptr,
     a_ptr,
     seed_ptr,
@@ -383,6 +425,7 @@ def _linear_lora_bwd_dx_kernel(
     stride_dyn,
     stride_wn,
     stride_wk,
+    stride_ws,
     stride_dsm,
     stride_dsr,
     stride_ar,
@@ -396,6 +439,7 @@ def _linear_lora_bwd_dx_kernel(
     GROUP_M: tl.constexpr,
     LORA_CHUNK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    IS_INT8: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -404,6 +448,8 @@ def _linear_lora_bwd_dx_kernel(
     dY: (M, N); W: (N, K) any strides; dS: (M, r) fp32 (already scaled by s); A: (r, K). dx: (M, K).
     The LoRA term is computed first in its own fp32 tile, masked and rescaled, and only then seeds the base
     accumulator: the mask applies to the LoRA term alone.
+    IS_INT8 (W8A16): W is int8 with per-row scale wscale (N,) fp32, dx = dY·(W⊙wscale[:, None]) + ...; the scale
+    sits on the reduction axis, so each W tile is dequantized in registers (see the loop), never in HBM.
     """
     pid_m, pid_n = _tile_ids(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -433,6 +479,14 @@ def _linear_lora_bwd_dx_kernel(
     for k0 in range(0, N, BLOCK_K):
         dy = tl.load(dy_ptrs, mask=offs_k[None, :] < N - k0, other=0.0)
         w = tl.load(w_ptrs, mask=offs_k[:, None] < N - k0, other=0.0)
+        if IS_INT8:
+            # Dequantize the [BLOCK_K, BLOCK_N] tile: (int8 -> fp32)·scale[n] rounded once to dY's dtype, which is
+            # bit for bit the reference's W_deq = (W_int8·scale).to(x.dtype), so the kernel differs from eager
+            # dY·W_deq only in summation order. The alternative, (dY⊙scale) rounded to 16 bits against an exact
+            # int8 tile, has a rounding of the same size (2**-9 bf16) but not the reference's, and converts both
+            # tiles (dY scaled + W to 16-bit) where this converts one.
+            ws = tl.load(wscale_ptr + (k0 + offs_k) * stride_ws, mask=offs_k < N - k0, other=0.0)
+            w = (w.to(tl.float32) * ws[:, None]).to(dy.dtype)
         acc = _dot_acc(dy, w, acc, PREC, UPCAST)
         dy_ptrs += BLOCK_K * stride_dyn
         w_ptrs += BLOCK_K * stride_wn
@@ -679,6 +733,12 @@ def lora_linear_fwd(
     Kernels: F1 (S, fp32) then F2 (y in x's dtype, one fp32 accumulator).
     """
     _check_supported("lora_linear_fwd", x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds)
+    return forward(x, weight, None, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds)
+
+
+def forward(x, weight, weight_scale, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds):
+    """F1 + F2 for a float ``weight`` (weight_scale None) or an int8 one with fp32 per-row ``weight_scale`` (N,):
+    the launch shared by ``lora_linear_fwd`` and ``lora_int8.lora_linear_int8_fwd`` (arguments already checked)."""
     a, b, b_bias, s = lora_a[0], lora_b[0], lora_b_bias[0], float(scaling[0])
     M, K = x.shape
     N, r = weight.shape[0], a.shape[0]
@@ -691,13 +751,14 @@ def lora_linear_fwd(
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         bias_arg = bias if bias is not None else y
         bb_arg = b_bias if b_bias is not None else y
+        ws_arg = weight_scale if weight_scale is not None else y  # unused pointer unless IS_INT8
         kernel[grid](
-            x, weight, bias_arg, shrink, b, bb_arg, y,
+            x, weight, ws_arg, bias_arg, shrink, b, bb_arg, y,
             M, N, K, r, s,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias_arg.stride(0),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), ws_arg.stride(0), bias_arg.stride(0),
             shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), bb_arg.stride(0), y.stride(0), y.stride(1),
             LORA_CHUNK=_configs.LORA_CHUNK, HAS_BIAS=bias is not None, HAS_LORA_BIAS=b_bias is not None,
-            PREC=prec, UPCAST=upcast, enable_fp_fusion=_FP_FUSION,
+            IS_INT8=weight_scale is not None, PREC=prec, UPCAST=upcast, enable_fp_fusion=_FP_FUSION,
         )  # fmt: skip
     return y, [shrink]
 
@@ -722,6 +783,13 @@ def lora_linear_bwd(
     Kernels: B1 (dS, and dB when needed), then B2 (dx) and B3 (dA). dx in x's dtype; dA, dB in the adapters'.
     """
     _check_supported("lora_linear_bwd", dy, x, weight, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask)
+    return backward(dy, x, weight, None, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask)
+
+
+def backward(dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask):
+    """B1 + B2 + B3 for a float ``weight`` (weight_scale None) or an int8 one with fp32 per-row ``weight_scale``;
+    shared by ``lora_linear_bwd`` and ``lora_int8.lora_linear_int8_bwd`` (arguments already checked). Only B2
+    reads the weight."""
     need_dx, need_adapters = bool(output_mask[0]), bool(output_mask[1])
     if not (need_dx or need_adapters):
         return None, [], []
@@ -759,13 +827,14 @@ def lora_linear_bwd(
             dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
             kernel = _gemm_launcher("linear_lora_bwd_dx", x.device, dy.element_size(), M)
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+            ws_arg = weight_scale if weight_scale is not None else dx  # unused pointer unless IS_INT8
             kernel[grid](
-                dy, weight, d_shrink, a, seed, dx,
+                dy, weight, ws_arg, d_shrink, a, seed, dx,
                 M, N, K, r, p, inv_keep,
-                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), d_shrink.stride(0),
+                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), ws_arg.stride(0), d_shrink.stride(0),
                 d_shrink.stride(1), a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
-                LORA_CHUNK=_configs.LORA_CHUNK, HAS_DROPOUT=has_dropout, PREC=prec, UPCAST=upcast,
-                enable_fp_fusion=_FP_FUSION,
+                LORA_CHUNK=_configs.LORA_CHUNK, HAS_DROPOUT=has_dropout, IS_INT8=weight_scale is not None,
+                PREC=prec, UPCAST=upcast, enable_fp_fusion=_FP_FUSION,
             )  # fmt: skip
 
         # ---- B3: dA = dSᵀ·x̂
@@ -806,6 +875,13 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
         bias, lora_b_bias = None, []
     else:
         return [f"no Triton kernel for {op_name}"]
+    return call_reasons(dy, x, weight, None, bias, lora_a, lora_b, lora_b_bias, saved_s, dropout_p, seeds)
+
+
+def call_reasons(dy, x, weight, weight_scale, bias, lora_a, lora_b, lora_b_bias, saved_s, dropout_p, seeds):
+    """The checks of ``not_supported_reasons`` on unpacked arguments (dy None in the forward, bias None in the
+    backward). ``weight_scale`` None: a float weight of x's dtype; else (``lora_int8.py``) an int8 weight with an
+    fp32 per-row scale of shape (N,)."""
     reasons: list[str] = []
     n = len(lora_a)
     if n != 1:
@@ -821,8 +897,15 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
         reasons.append(f"empty problem (M={M}, K={K}, N={N})")
     if x.dtype not in _SUPPORTED_DTYPES:
         reasons.append(f"x.dtype={x.dtype} (supported: float32, float16, bfloat16)")
-    if weight.dtype != x.dtype:
+    if weight_scale is None and weight.dtype != x.dtype:
         reasons.append(f"weight.dtype={weight.dtype} differs from x.dtype={x.dtype}")
+    if weight_scale is not None:
+        if weight.dtype != torch.int8:
+            reasons.append(f"weight_int8.dtype={weight.dtype} (expected int8)")
+        if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (N,):
+            reasons.append(
+                f"weight_scale is {weight_scale.dtype} of shape {tuple(weight_scale.shape)} (expected float32 ({N},))"
+            )
     if bias is not None and bias.dtype != x.dtype:
         reasons.append(f"bias.dtype={bias.dtype} differs from x.dtype={x.dtype}")
     if a.dtype not in (x.dtype, torch.float32):
@@ -847,7 +930,7 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
         reasons.append(f"dropout_p={p} outside [0, 1)")
     if p > 0.0 and (seeds is None or seeds.dtype != torch.int64 or seeds.numel() < 1):
         reasons.append(f"dropout_p={p} needs an int64 seeds tensor, got {None if seeds is None else seeds.dtype}")
-    tensors = [t for t in (dy, x, weight, bias, a, b, seeds, *saved_s, *lora_b_bias) if t is not None]
+    tensors = [t for t in (dy, x, weight, weight_scale, bias, a, b, seeds, *saved_s, *lora_b_bias) if t is not None]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         reasons.append(f"tensors on several devices: {sorted(str(d) for d in devices)}")
