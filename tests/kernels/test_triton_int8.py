@@ -261,15 +261,16 @@ if not INTERPRETING:
     # GPU
     # -----------------------------------------------------------------------------------------------------------
 
+    # Sized for the GPU suite's shared 240 s pytest budget: each (dtype, M bucket) autotunes and compiles its own
+    # kernels, so the list covers each bucket and dtype once or twice rather than the whole grid.
     GPU_INT8_CASES = (
         LoraCase("llama-q-4096x4096x4096-r16-bf16", 4096, 4096, 4096, 16, torch.bfloat16),
         LoraCase("llama-q-4096-r16-bf16-fp32adapters-p0.1", 4096, 4096, 4096, 16, torch.bfloat16, torch.float32,
                  p=0.1, lora_bias=True),
-        LoraCase("llama-q-4096x4096x4096-r16-fp16-p0.1", 4096, 4096, 4096, 16, torch.float16, p=0.1),
         LoraCase("decode-1x4096x4096-r16-bf16", 1, 4096, 4096, 16, torch.bfloat16),
         LoraCase("decode-16x4096x14336-r8-fp16", 16, 4096, 14336, 8, torch.float16),
         LoraCase("m4097-k123-n431-r17-bf16-p0.1", 4097, 123, 431, 17, torch.bfloat16, p=0.1, lora_bias=True),
-        LoraCase("m1000-k59-n97-r1-fp32-p0.1", 1000, 59, 97, 1, p=0.1),
+        LoraCase("m100-k59-n97-r1-fp32-p0.1", 100, 59, 97, 1, p=0.1),
         LoraCase("m127-k1024-n8-r128-fp16-sliced", 127, 1024, 8, 128, torch.float16, layout="sliced"),
         LoraCase("m7-k1024-n431-r64-bf16-transposed-w", 7, 1024, 431, 64, torch.bfloat16, layout="conv1d"),
     )  # fmt: skip
@@ -321,7 +322,7 @@ if not INTERPRETING:
         assert_close_to_ref(y, y_e, y_t, case.dtype, name=case.name)
 
     @pytest.mark.gpu
-    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp16: under the interpreter
     def test_same_as_float_kernels_cuda(dtype, monkeypatch):
         """Bitwise as under the interpreter, given one fixed tiling (the autotuner tunes int8 and 16-bit weights
         separately and may pick different tiles) and deterministic mode (fp32 atomics add in any order)."""
