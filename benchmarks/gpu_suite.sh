@@ -30,13 +30,14 @@ PLAN=(
   "tests: pytest -m gpu -x (timeout 240 s) -> pytest_gpu.log"
   "bench: benchmarks/bench_lora.py (Llama-8B-like shapes, bf16, p in {0, 0.1}) -> bench_lora.csv"
   "bench: benchmarks/bench_prefix.py --gpu (B=8, T=2048, P=32; 256-token generation) -> bench_prefix.csv"
+  "bench: benchmarks/bench_lora_int8.py --quick (W8A16: 4096x4096x4096 fwd/full, decode M=1; timeout 150 s) -> bench_lora_int8.csv"
 )
 if [[ "$DRY" == "--dry-run" ]]; then
   echo "gpu_suite plan (OUTDIR=$OUT):"
   printf '  %s\n' "${PLAN[@]}"
   "$PY" -c "import peft_kernels, peft_kernels.cli; print('ok: peft_kernels imports', peft_kernels.__version__)" || exit 1
   [[ -f benchmarks/bench_lora.py ]] || { echo "missing benchmarks/bench_lora.py"; exit 1; }
-  for script in benchmarks/bench_lora.py benchmarks/bench_prefix.py; do
+  for script in benchmarks/bench_lora.py benchmarks/bench_prefix.py benchmarks/bench_lora_int8.py; do
     if [[ -f "$script" ]]; then
       "$PY" "$script" --dry-run > "$OUT/$(basename "$script" .py)_plan.txt" || { echo "$script --dry-run failed"; exit 1; }
       echo "ok: $script --dry-run"
@@ -63,6 +64,11 @@ if [[ -f benchmarks/bench_prefix.py ]]; then
   step "prefix benchmark"
   timeout 120 "$PY" benchmarks/bench_prefix.py --gpu --out "$OUT/bench_prefix.csv" > "$OUT/bench_prefix.log" 2>&1 \
     || { echo "bench_prefix failed (see bench_prefix.log)"; failures=$((failures + 1)); }
+fi
+if [[ -f benchmarks/bench_lora_int8.py ]]; then
+  step "int8 LoRA benchmark"
+  timeout 150 "$PY" benchmarks/bench_lora_int8.py --quick --out "$OUT/bench_lora_int8.csv" > "$OUT/bench_lora_int8.log" 2>&1 \
+    || { echo "bench_lora_int8 failed (see bench_lora_int8.log)"; failures=$((failures + 1)); }
 fi
 step "done with $failures failure(s)"
 exit "$failures"
