@@ -44,6 +44,9 @@ class KVBuffer:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, backend: str | None = None):
         self.k_buf, self.v_buf, self.length = keys, values, int(length)
+        # Rows at or past the high-water mark were never written into this buffer: appends there can tell
+        # kv_append (fresh_rows) that no gradient flows out of the rows they overwrite.
+        self._high_water = int(length)
         self.backend = backend
         self.appends = 0
         # True once views were handed out while autograd recorded: an in-place write could then break a backward.
@@ -93,8 +96,10 @@ class KVBuffer:
                 capacity = max(need, capacity + grow)
             self._reallocate(capacity, dtype, k.device)
         k, v = k.to(self.dtype), v.to(self.dtype)
-        kv_append(self.k_buf, self.v_buf, k, v, self.length, backend=self.backend)
+        fresh = self.length >= self._high_water
+        kv_append(self.k_buf, self.v_buf, k, v, self.length, backend=self.backend, fresh_rows=fresh)
         self.length = need
+        self._high_water = max(self._high_water, need)
         self.appends += 1
         return self.views()
 
@@ -132,6 +137,7 @@ class KVBuffer:
     def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Takes ``keys``/``values`` [B, Hkv, n, hd] as the whole buffer (n valid rows); used by offloading code."""
         self.k_buf, self.v_buf, self.length = keys, values, keys.shape[2]
+        self._high_water = self.length
         self._exposed = True  # someone else holds these tensors: never write into them in place
 
     # -------------------------------------------------------------------- reallocation
@@ -145,8 +151,9 @@ class KVBuffer:
         capacity = max(capacity, rows)
         new_k = keys.new_empty((batch, heads, capacity, head_dim))
         new_v = values.new_empty((batch, heads, capacity, values.shape[3]))
-        self.k_buf, self.v_buf = kv_append(new_k, new_v, keys, values, 0, backend=self.backend)
+        self.k_buf, self.v_buf = kv_append(new_k, new_v, keys, values, 0, backend=self.backend, fresh_rows=True)
         self.length = rows
+        self._high_water = rows
         self._exposed = False
 
 

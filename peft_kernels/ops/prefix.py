@@ -109,25 +109,30 @@ class KvAppendFunction(torch.autograd.Function):
     """K[:, :, o:o+T] = k, V[:, :, o:o+T] = v, in place.
 
     Chain rule: dk = dK[:, :, o:o+T], dv = dV[:, :, o:o+T]; dK(before) = dK with rows o:o+T zeroed.
-    Inputs: offset, k_buf, v_buf, k, v. Saves only the offset and T.
+    With ``fresh_rows`` (rows o:o+T never written under autograd, e.g. a buffer allocated for this forward) no
+    gradient can flow from those rows into anything, so dK passes through unchanged: no clone of the buffer-sized
+    gradient per layer (that clone was the one allocation by which a prefix training step exceeded PEFT's).
+    Inputs: offset, fresh_rows, k_buf, v_buf, k, v. Saves only the offset and T.
     """
 
     @staticmethod
-    def forward(ctx, offset, k_buf, v_buf, k, v):
+    def forward(ctx, offset, fresh_rows, k_buf, v_buf, k, v):
         torch.ops.peft_kernels.kv_append(k_buf, v_buf, k, v, offset)
         ctx.mark_dirty(k_buf, v_buf)
         ctx.rows = (offset, offset + k.shape[2])
+        ctx.fresh_rows = fresh_rows
         return k_buf, v_buf
 
     @staticmethod
     def backward(ctx, d_k_buf, d_v_buf):
         start, stop = ctx.rows
         needs = ctx.needs_input_grad
-        d_kb = _zero_rows(d_k_buf, start, stop) if needs[1] else None
-        d_vb = _zero_rows(d_v_buf, start, stop) if needs[2] else None
-        d_k = d_k_buf[:, :, start:stop] if needs[3] else None
-        d_v = d_v_buf[:, :, start:stop] if needs[4] else None
-        return None, d_kb, d_vb, d_k, d_v
+        pass_through = (lambda g, a, b: g) if ctx.fresh_rows else _zero_rows
+        d_kb = pass_through(d_k_buf, start, stop) if needs[2] else None
+        d_vb = pass_through(d_v_buf, start, stop) if needs[3] else None
+        d_k = d_k_buf[:, :, start:stop] if needs[4] else None
+        d_v = d_v_buf[:, :, start:stop] if needs[5] else None
+        return None, None, d_kb, d_vb, d_k, d_v
 
 
 def _needs_autograd(*tensors) -> bool:
@@ -165,17 +170,19 @@ def kv_append(
     v: torch.Tensor,
     offset: int,
     backend: str | None = None,
+    fresh_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K[:, :, offset:offset+T] = k, V[:, :, offset:offset+T] = v, in place; differentiable w.r.t. k and v.
 
     Args:
         k_buf, v_buf: (B, Hkv, S, hd).  k, v: (B, Hkv, T, hd), the buffers' dtype and device.
         offset: first row written (P + tokens already cached); offset + T <= S.
+        fresh_rows: promise that rows offset..offset+T were never written under autograd (see KvAppendFunction).
     Returns: (k_buf, v_buf), the same tensor objects.
     """
     _check_append(k_buf, v_buf, k, v, offset)
     if _needs_autograd(k_buf, v_buf, k, v):
-        _dispatch.run_with_backend(backend, KvAppendFunction.apply, int(offset), k_buf, v_buf, k, v)
+        _dispatch.run_with_backend(backend, KvAppendFunction.apply, int(offset), fresh_rows, k_buf, v_buf, k, v)
     else:
         _dispatch.run_with_backend(backend, torch.ops.peft_kernels.kv_append, k_buf, v_buf, k, v, int(offset))
     return k_buf, v_buf
