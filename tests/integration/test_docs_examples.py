@@ -1,0 +1,89 @@
+"""Every ```python block of docs/TRAINING_STACKS.md runs as written (tiny models, CPU)."""
+
+import functools
+import os
+import re
+import socket
+import warnings
+
+import pytest
+import torch
+from _models import make_model
+
+import peft_kernels
+
+DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "TRAINING_STACKS.md")
+
+
+def _blocks():
+    with open(DOC) as f:
+        text = f.read()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+BLOCKS = _blocks()
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self):
+        self.ids = torch.randint(3, 100, (8, 6), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.fixture
+def namespace(tmp_path):
+    """What the examples take as given: a base-model factory, a PeftModel, tokens, a dataset, a folder."""
+    tokens = _Tokens().ids[:2]
+    model = peft_kernels.get_peft_model(
+        make_model("llama")[0], peft_kernels.LoraConfig(task_type="CAUSAL_LM", r=8, lora_dropout=0.1)
+    ).train()
+    return {
+        "torch": torch,
+        "peft_kernels": peft_kernels,
+        "make_base": lambda: make_model("llama")[0],
+        "model": model,
+        "tokens": tokens,
+        "dataset": _Tokens(),
+        "out_dir": str(tmp_path / "run"),
+    }
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group for the FSDP example (fully_shard needs a default group)."""
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_doc_has_the_examples():
+    assert len(BLOCKS) == 7, "update the ids below when adding or removing examples"
+
+
+@pytest.mark.parametrize(
+    "index", range(len(BLOCKS)), ids=["patch", "convert", "trainer", "fsdp", "checkpointing", "autocast", "compile"]
+)
+def test_doc_example_runs(index, namespace, request, monkeypatch):
+    code = BLOCKS[index]
+    if "import peft\n" in code:
+        pytest.importorskip("peft")
+    if "fully_shard" in code:
+        request.getfixturevalue("process_group")
+    if "torch.compile" in code:
+        # Same graph capture (dynamo, fullgraph) and AOT autograd, without inductor's minute of C++ codegen on
+        # 2 cores; test_training_features.py has the opt-in inductor run.
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+        torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, f"TRAINING_STACKS.md example {index}", "exec"), namespace)
