@@ -34,7 +34,7 @@ def _is_ours(model) -> bool:
 
     # Trainer passes wrapped models in places (DDP, compile): unwrap the usual wrappers first.
     for attr in ("module", "_orig_mod"):
-        while hasattr(model, attr) and not isinstance(model, PeftModel):
+        while not isinstance(model, PeftModel) and hasattr(model, attr):
             model = getattr(model, attr)
     return isinstance(model, PeftModel)
 
