@@ -348,7 +348,7 @@ def from_hf_peft(model: nn.Module) -> nn.Module:
         raise TypeError(f"from_hf_peft expects a peft.PeftModel, got {type(model).__name__}")
     for name, module in model.named_modules():
         if isinstance(module, PeftLoraLayer) and getattr(module, "lora_variant", None):
-            raise NotImplementedError(f"{name} uses a LoRA variant ({_patch_refusal(module)}), not in peft_kernels")
+            raise NotImplementedError(f"{name}: {_patch_refusal(module)}, which peft_kernels does not implement")
     for name, cfg in model.peft_config.items():
         # Refuse unsupported settings before the model is touched (injection would refuse them later).
         converted = _convert_config(cfg, PeftConfig)
