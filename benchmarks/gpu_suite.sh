@@ -26,8 +26,9 @@ failures=0
 
 PLAN=(
   "env: nvidia-smi, versions, peft-kernels info -> env.txt"
+  "budget: every step has a timeout (150+180+120+60+90 s = 10 min worst case); benchmarks run --quick"
   "build: setup.py build_ext --inplace (sm_90 only, MAX_JOBS=16) -> build.log"
-  "tests: pytest -m gpu -x (timeout 240 s) -> pytest_gpu.log"
+  "tests: pytest -m gpu -x (timeout 180 s) -> pytest_gpu.log"
   "bench: benchmarks/bench_lora.py (Llama-8B-like shapes, bf16, p in {0, 0.1}) -> bench_lora.csv"
   "bench: benchmarks/bench_prefix.py --gpu (B=8, T=2048, P=32; 256-token generation) -> bench_prefix.csv"
   "bench: benchmarks/bench_lora_int8.py --quick (W8A16: 4096x4096x4096 fwd/full, decode M=1; timeout 150 s) -> bench_lora_int8.csv"
@@ -50,24 +51,24 @@ fi
 step "env"
 { nvidia-smi; date -u; git rev-parse HEAD 2>/dev/null; "$PY" -m peft_kernels.cli info; } > "$OUT/env.txt" 2>&1
 step "build the extension (sm_90)"
-PEFT_KERNELS_CUDA_ARCHS="90" MAX_JOBS="${MAX_JOBS:-16}" timeout 300 "$PY" setup.py build_ext --inplace \
+PEFT_KERNELS_CUDA_ARCHS="90" MAX_JOBS="${MAX_JOBS:-16}" timeout 150 "$PY" setup.py build_ext --inplace \
   > "$OUT/build.log" 2>&1 || { echo "build failed (see build.log)"; failures=$((failures + 1)); }
 "$PY" -m peft_kernels.cli info >> "$OUT/env.txt" 2>&1
 step "GPU tests"
-timeout 240 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1 \
+timeout 180 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1 \
   || { echo "GPU tests failed (see pytest_gpu.log)"; failures=$((failures + 1)); }
 tail -3 "$OUT/pytest_gpu.log"
 step "LoRA benchmark"
-timeout 240 "$PY" benchmarks/bench_lora.py --out "$OUT/bench_lora.csv" > "$OUT/bench_lora.log" 2>&1 \
+timeout 120 "$PY" benchmarks/bench_lora.py --quick --out "$OUT/bench_lora.csv" > "$OUT/bench_lora.log" 2>&1 \
   || { echo "bench_lora failed (see bench_lora.log)"; failures=$((failures + 1)); }
 if [[ -f benchmarks/bench_prefix.py ]]; then
   step "prefix benchmark"
-  timeout 120 "$PY" benchmarks/bench_prefix.py --gpu --out "$OUT/bench_prefix.csv" > "$OUT/bench_prefix.log" 2>&1 \
+  timeout 60 "$PY" benchmarks/bench_prefix.py --gpu --out "$OUT/bench_prefix.csv" > "$OUT/bench_prefix.log" 2>&1 \
     || { echo "bench_prefix failed (see bench_prefix.log)"; failures=$((failures + 1)); }
 fi
 if [[ -f benchmarks/bench_lora_int8.py ]]; then
   step "int8 LoRA benchmark"
-  timeout 150 "$PY" benchmarks/bench_lora_int8.py --quick --out "$OUT/bench_lora_int8.csv" > "$OUT/bench_lora_int8.log" 2>&1 \
+  timeout 90 "$PY" benchmarks/bench_lora_int8.py --quick --out "$OUT/bench_lora_int8.csv" > "$OUT/bench_lora_int8.log" 2>&1 \
     || { echo "bench_lora_int8 failed (see bench_lora_int8.log)"; failures=$((failures + 1)); }
 fi
 step "done with $failures failure(s)"
