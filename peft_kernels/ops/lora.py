@@ -89,28 +89,59 @@ class LoraLinearFunction(torch.autograd.Function):
         lora_a = list(adapter_tensors[0::_TENSORS_PER_ADAPTER])
         lora_b = list(adapter_tensors[1::_TENSORS_PER_ADAPTER])
         lora_b_bias = list(adapter_tensors[2::_TENSORS_PER_ADAPTER])
-        y, saved_s = _call_fwd(x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds)
+        keep_masks = None
+        if seeds is not None and _eager_cpu(x):
+            # Eager CPU with dropout: draw the masks once and keep them (1 byte per element) instead of
+            # regenerating them in backward; see backends/reference/lora.py cpu_keep_masks for the measurement.
+            keep_masks = _reference.cpu_keep_masks(x, dropout_p, seeds)
+            y, saved_s = _reference.lora_linear_fwd(
+                x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, keep_masks=keep_masks
+            )
+        else:
+            y, saved_s = _call_fwd(x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds)
+        ctx.mask_slots = [m is not None for m in keep_masks] if keep_masks is not None else None
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.forced_backend = _dispatch.forced_backend()
         ctx.n_adapters = len(lora_a)
         ctx.has_bias = bias is not None
         ctx.lora_b_bias_present = [t is not None for t in lora_b_bias]
-        ctx.save_for_backward(x, weight, seeds, *lora_a, *lora_b, *saved_s)
+        stored_masks = [m for m in keep_masks if m is not None] if keep_masks is not None else []
+        ctx.save_for_backward(x, weight, seeds, *lora_a, *lora_b, *saved_s, *stored_masks)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         n = ctx.n_adapters
         x, weight, seeds, *rest = ctx.saved_tensors
-        lora_a, lora_b, saved_s = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        lora_a, lora_b, saved_s = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n]
+        keep_masks = None
+        if ctx.mask_slots is not None:
+            stored = iter(rest[3 * n :])
+            keep_masks = [next(stored) if present else None for present in ctx.mask_slots]
         needs = ctx.needs_input_grad
         adapter_needs = needs[_LEADING_INPUTS:]
         need_adapters = any(adapter_needs[i] or adapter_needs[i + 1] for i in range(0, 3 * n, 3))
-        dx, d_a, d_b = _dispatch.run_with_backend(
-            ctx.forced_backend,
-            _call_bwd,
-            dy, x, weight, lora_a, lora_b, saved_s, ctx.scaling, ctx.dropout_p, seeds, [needs[1], need_adapters],
-        )  # fmt: skip
+        output_mask = [needs[1], need_adapters]
+        if keep_masks is not None:
+            dx, d_a, d_b = _reference.lora_linear_bwd(
+                dy,
+                x,
+                weight,
+                lora_a,
+                lora_b,
+                saved_s,
+                ctx.scaling,
+                ctx.dropout_p,
+                seeds,
+                output_mask,
+                keep_masks=keep_masks,
+            )
+        else:
+            dx, d_a, d_b = _dispatch.run_with_backend(
+                ctx.forced_backend,
+                _call_bwd,
+                dy, x, weight, lora_a, lora_b, saved_s, ctx.scaling, ctx.dropout_p, seeds, output_mask,
+            )  # fmt: skip
         d_weight = dy.t().mm(x.to(dy.dtype)).to(weight.dtype) if needs[2] else None
         d_bias = dy.sum(0).to(dy.dtype) if needs[3] and ctx.has_bias else None
         adapter_grads = []

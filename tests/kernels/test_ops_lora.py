@@ -116,9 +116,9 @@ def _capture_output_mask(monkeypatch):
     seen = []
     real = ref.lora_linear_bwd
 
-    def recording(*args):
+    def recording(*args, **kwargs):
         seen.append(list(args[-1]))
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(ref, "lora_linear_bwd", recording)
     return seen

@@ -113,6 +113,16 @@ def _cpu_uses_philox() -> bool:
     return _force_philox_on_cpu or os.environ.get(_CPU_DROPOUT_ENV, "").lower() == "philox"
 
 
+def dropout_keep_mask_cpu(seed: torch.Tensor | int, rows: int, cols: int, p: float) -> torch.Tensor:
+    """m (bool [rows, cols]) on CPU: the Philox spec when forced (see above), else ``rand >= p`` from a CPU
+    generator seeded with ``seed`` — the same mask ``dropout_scaled_mask`` scales."""
+    if _cpu_uses_philox():
+        return lora_dropout_mask(seed, rows, cols, p, device=torch.device("cpu"))
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+    return torch.rand(rows, cols, generator=generator, dtype=torch.float32) >= p
+
+
 def dropout_scaled_mask(seed: torch.Tensor | int, rows: int, cols: int, p: float, device, dtype) -> torch.Tensor:
     """m / (1 - p) in ``dtype``, [rows, cols]: the mask the reference backend applies to x (forward and backward).
 

@@ -23,19 +23,29 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import dropout_scaled_mask
+from .dropout import dropout_keep_mask_cpu, lora_dropout_mask
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _dropped_input(x: torch.Tensor, dtype: torch.dtype, p: float, seeds, index: int) -> torch.Tensor:
-    """x̂ in ``dtype``: x cast (no copy when equal), then masked and rescaled when p > 0."""
-    x_cast = x if x.dtype == dtype else x.to(dtype)
-    if p == 0.0:
-        return x_cast
-    return x_cast * dropout_scaled_mask(seeds[index], x.shape[0], x.shape[1], p, x.device, dtype)
+def _keep_mask(x: torch.Tensor, p: float, seeds, index: int) -> torch.Tensor:
+    """m_a, bool (M, K): the CPU generator's mask on CPU tensors, the Philox spec elsewhere (dropout.py)."""
+    if x.device.type == "cpu":
+        return dropout_keep_mask_cpu(seeds[index], x.shape[0], x.shape[1], p)
+    return lora_dropout_mask(seeds[index], x.shape[0], x.shape[1], p, device=x.device)
+
+
+def cpu_keep_masks(x: torch.Tensor, dropout_p: list[float], seeds) -> list[torch.Tensor | None]:
+    """[m_a] bool (M, K) per adapter (None where p_a == 0): the CPU masks of ``dropout.dropout_scaled_mask``.
+
+    Eager CPU calls (ops/lora.py) draw them once in the forward and keep them for the backward, 1 byte per
+    element: regenerating costs two more elementwise passes over M×K, which on CPU cost more than the whole
+    low-rank update (measured: 3 ms uniform + 11 ms compare per 512×768 mask on the 2-core CI box). The fused
+    GPU kernels regenerate instead and keep nothing.
+    """
+    return [None if p == 0.0 else _keep_mask(x, p, seeds, i) for i, p in enumerate(dropout_p)]
 
 
 def lora_linear_fwd(
@@ -48,6 +58,7 @@ def lora_linear_fwd(
     scaling: list[float],
     dropout_p: list[float],
     seeds: torch.Tensor | None,
+    keep_masks: list[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """y = x·Wᵀ + b + Σ_a s_a·(x̂_a·A_aᵀ·B_aᵀ + b_Ba); returns (y, [S_a]).
 
@@ -57,14 +68,21 @@ def lora_linear_fwd(
         bias: (N,) or None.
         lora_a: n tensors (r_a, K).  lora_b: n tensors (N, r_a).  lora_b_bias: n tensors (N,) or None.
         scaling, dropout_p: n floats.  seeds: int64 (n,) or None when every p is 0.
+        keep_masks: optional [m_a] from ``cpu_keep_masks`` (not part of the op schema: eager CPU calls only).
     Accumulates in promote_types(dtype, float32); y has x's dtype, S_a has acc_a.
     """
     y = torch.nn.functional.linear(x, weight, bias)
     saved_s = []
     for index, (a, b, b_bias, s, p) in enumerate(zip(lora_a, lora_b, lora_b_bias, scaling, dropout_p)):
         acc = _acc_dtype(a.dtype)
-        x_hat = _dropped_input(x, a.dtype, p, seeds, index)
-        shrink = torch.mm(x_hat, a.t())  # [M, r]
+        x_cast = x if x.dtype == a.dtype else x.to(a.dtype)
+        if p == 0.0:
+            shrink = torch.mm(x_cast, a.t())  # [M, r]
+        else:
+            # (m ⊙ x)·Aᵀ / (1-p): the 1/(1-p) goes on the small [M, r] product, not on x. The mask is the one
+            # the caller kept (eager CPU) or regenerated from the seed: the same bits, the same arithmetic.
+            keep = keep_masks[index] if keep_masks is not None else _keep_mask(x, p, seeds, index)
+            shrink = torch.mm(torch.mul(x_cast, keep), a.t()).mul_(1.0 / (1.0 - p))
         if shrink.dtype != acc:
             shrink = shrink.to(acc)
         saved_s.append(shrink)
@@ -93,6 +111,7 @@ def lora_linear_bwd(
     dropout_p: list[float],
     seeds: torch.Tensor | None,
     output_mask: list[bool],
+    keep_masks: list[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
     """(dx, [dA_a], [dB_a]) of lora_linear_fwd; see the module docstring.
 
@@ -110,20 +129,29 @@ def lora_linear_bwd(
         acc = _acc_dtype(a.dtype)
         dy_acc = dy.to(acc)
         d_shrink = torch.mm(dy_acc, b.to(acc)).mul_(s)  # [M, r]
-        # m_a / (1 - p_a), regenerated once for both dA and dx (M×K in acc; the fused kernels never store it).
-        scaled_keep = None
-        if p != 0.0:
-            scaled_keep = dropout_scaled_mask(seeds[index], x.shape[0], x.shape[1], p, x.device, acc)
+        if p == 0.0:
+            if need_adapters:
+                d_lora_b.append(torch.mm(dy_acc.t(), shrink).mul_(s).to(b.dtype))  # [N, r]
+                x_acc = x if x.dtype == acc else x.to(acc)
+                d_lora_a.append(torch.mm(d_shrink.t(), x_acc).to(a.dtype))  # [r, K]
+            if need_dx:
+                if dx.dtype == acc:
+                    dx.addmm_(d_shrink, a)
+                else:
+                    dx = torch.add(dx.to(acc), torch.mm(d_shrink, a.to(acc))).to(x.dtype)
+            continue
+        # Dropout: the kept (eager CPU) or regenerated mask; 1/(1-p) goes on dA [r, K] and on the add into dx,
+        # not on M×K tensors.
+        keep = keep_masks[index] if keep_masks is not None else _keep_mask(x, p, seeds, index)
+        inv_keep = 1.0 / (1.0 - p)
         if need_adapters:
             d_lora_b.append(torch.mm(dy_acc.t(), shrink).mul_(s).to(b.dtype))  # [N, r]
-            x_hat = x.to(acc) if scaled_keep is None else x.to(acc) * scaled_keep
-            d_lora_a.append(torch.mm(d_shrink.t(), x_hat).to(a.dtype))  # [r, K]
+            x_acc = x if x.dtype == acc else x.to(acc)
+            d_lora_a.append(torch.mm(d_shrink.t(), torch.mul(x_acc, keep)).mul_(inv_keep).to(a.dtype))
         if need_dx:
-            if scaled_keep is None and dx.dtype == acc:
-                dx.addmm_(d_shrink, a)
+            dx_lora = torch.mm(d_shrink, a.to(acc)).mul_(keep)  # [M, K]
+            if dx.dtype == acc:
+                dx.add_(dx_lora, alpha=inv_keep)
             else:
-                dx_lora = torch.mm(d_shrink, a.to(acc))  # [M, K]
-                if scaled_keep is not None:
-                    dx_lora.mul_(scaled_keep)
-                dx = torch.add(dx.to(acc), dx_lora).to(x.dtype)
+                dx = torch.add(dx.to(acc), dx_lora, alpha=inv_keep).to(x.dtype)
     return dx, d_lora_a, d_lora_b
