@@ -118,7 +118,11 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         """Adds (does not activate) an adapter of the same PEFT type; on failure nothing is left behind."""
         if peft_config.peft_type != self.peft_type:
@@ -127,7 +131,11 @@ class PeftModel(nn.Module):
                 f"{peft_config.peft_type}."
             )
         if self._is_prompt_learning:
-            if adapter_name in self._peft_config and hasattr(self, "prompt_encoder") and adapter_name in self.prompt_encoder:
+            if (
+                adapter_name in self._peft_config
+                and hasattr(self, "prompt_encoder")
+                and adapter_name in self.prompt_encoder
+            ):
                 raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
             self._peft_config[adapter_name] = peft_config
             try:
@@ -140,7 +148,9 @@ class PeftModel(nn.Module):
                 raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
             self.peft_config[adapter_name] = peft_config
             try:
-                self.base_model.inject_adapter(self.base_model.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+                self.base_model.inject_adapter(
+                    self.base_model.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+                )
             except BaseException:
                 self.peft_config.pop(adapter_name, None)
                 raise
@@ -227,7 +237,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ------------------------------------------------------------------ prompt learning
     def get_prompt(
@@ -319,7 +331,9 @@ class PeftModel(nn.Module):
         for adapter_name in selected_adapters:
             peft_config = self.peft_config[adapter_name]
             state_dict = get_peft_model_state_dict(
-                self, state_dict=kwargs.get("state_dict"), adapter_name=adapter_name,
+                self,
+                state_dict=kwargs.get("state_dict"),
+                adapter_name=adapter_name,
                 save_embedding_layers=save_embedding_layers,
             )
             output_dir = os.path.join(save_directory, adapter_name) if adapter_name != "default" else save_directory
@@ -406,16 +420,29 @@ class PeftModel(nn.Module):
             raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
         config.inference_mode = not is_trainable
         if config.task_type not in MODEL_TYPE_TO_PEFT_MODEL_MAPPING.keys():
-            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                             low_cpu_mem_usage=low_cpu_mem_usage)
+            peft_model = cls(
+                model,
+                config,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         else:
             peft_model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type](
-                model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                model,
+                config,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
                 low_cpu_mem_usage=low_cpu_mem_usage,
             )
         load_result = peft_model.load_adapter(
-            model_id, adapter_name, is_trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage, key_mapping=key_mapping, **kwargs,
+            model_id,
+            adapter_name,
+            is_trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            key_mapping=key_mapping,
+            **kwargs,
         )
         missing = [k for k in load_result.missing_keys if "vblora_vector_bank" not in k]
         if missing:
@@ -450,11 +477,17 @@ class PeftModel(nn.Module):
             if peft_config.is_prompt_learning and is_trainable:
                 raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
             peft_config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
-                             autocast_adapter_dtype=autocast_adapter_dtype)
+            self.add_adapter(
+                adapter_name,
+                peft_config,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+            )
         adapters_weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
         load_result = set_peft_model_state_dict(
-            self, adapters_weights, adapter_name=adapter_name,
+            self,
+            adapters_weights,
+            adapter_name=adapter_name,
             ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
@@ -506,20 +539,42 @@ class PeftModelForCausalLM(PeftModel):
         super().__init__(model, peft_config, adapter_name, **kwargs)
         self.base_model_prepare_inputs_for_generation = getattr(self.base_model, "prepare_inputs_for_generation", None)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
         if self._is_prompt_learning:
             return prompt_learning.forward(
-                self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=return_dict, task_ids=task_ids, **kwargs,
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                task_ids=task_ids,
+                **kwargs,
             )
         with self._enable_peft_forward_hooks(**kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=return_dict, **kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                **kwargs,
             )
 
 
@@ -528,23 +583,51 @@ class PeftModelForSeq2SeqLM(PeftModel):
         super().__init__(model, peft_config, adapter_name, **kwargs)
         self.base_model_prepare_inputs_for_generation = getattr(self.base_model, "prepare_inputs_for_generation", None)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
-                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        decoder_inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
         if self._is_prompt_learning:
             return prompt_learning.forward(
-                self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, return_dict=return_dict, task_ids=task_ids, **kwargs,
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                labels=labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                task_ids=task_ids,
+                **kwargs,
             )
         with self._enable_peft_forward_hooks(**kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                labels=labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                **kwargs,
             )
 
     def generate(self, **kwargs):
@@ -613,19 +696,37 @@ class PeftModelForQuestionAnswering(_HeadTrainingModel):
 
 
 class PeftModelForFeatureExtraction(PeftModel):
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
         if self._is_prompt_learning:
             return prompt_learning.forward(
-                self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=return_dict, task_ids=task_ids, **kwargs,
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                task_ids=task_ids,
+                **kwargs,
             )
         with self._enable_peft_forward_hooks(**kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=return_dict, **kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                **kwargs,
             )
-
