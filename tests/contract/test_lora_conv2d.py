@@ -32,10 +32,13 @@ GEOMETRIES = [
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
+def _one_thread_quiet():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation on a shared 2-core machine
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+    torch.set_num_threads(threads)
 
 
 class Net(nn.Module):

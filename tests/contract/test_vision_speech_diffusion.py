@@ -38,10 +38,13 @@ from peft_kernels.layers import BaseTunerLayer, Conv2d, LoraLayer
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
+def _one_thread_quiet():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation on a shared 2-core machine
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------- tiny families
