@@ -160,6 +160,53 @@ class LoraLayer(BaseTunerLayer):
         x = x.to(lora_a.weight.dtype)
         return self.lora_B[adapter](lora_a(self.lora_dropout[adapter](x))) * self.scaling[adapter]
 
+    def _branch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """PEFT's branch order for every LoRA layer: disabled → mixed batch → merged / no active adapter → LoRA.
+
+        The last branch is ``_lora_forward(x, active, args, kwargs)``: the fused op where it applies, else
+        ``_eager_forward`` (PEFT's formula over the base layer's own forward).
+        """
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        return self._lora_forward(x, active, args, kwargs)
+
+    def _lora_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
+        return self._eager_forward(x, active, args, kwargs)
+
+    def _eager_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        torch_result_dtype = result.dtype
+        for adapter in active:
+            result = result + self._eager_lora_update(x, adapter)
+        return result.to(torch_result_dtype)
+
+    def _adapters_read_directly(self, active: list[str], layer_type: type) -> bool:
+        """Whether the op may read A and B weights without running their forward.
+
+        A wrapper that materializes weights in its forward (FSDP units, offload hooks, accelerate's
+        add_hook_to_module, which replaces ``forward``) would leave them sharded or stale: eager path then.
+        """
+        for adapter in active:
+            for layer in (self.lora_A[adapter], self.lora_B[adapter]):
+                if type(layer) is not layer_type or layer._forward_pre_hooks or layer._forward_hooks:
+                    return False
+                if "forward" in layer.__dict__:
+                    return False
+        return True
+
+    @staticmethod
+    def _base_is_hooked(base_layer: nn.Module) -> bool:
+        return bool(base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"))
+
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """Row i uses adapter adapter_names[i] ("__base__": none). Eval-only; eager."""
         result = self.base_layer(x, *args, **kwargs)
@@ -259,47 +306,21 @@ class Linear(nn.Module, LoraLayer):
                         base_layer.bias.dtype
                     )
 
-    def _fused_path_ok(self, base_layer: nn.Module, args, kwargs) -> bool:
+    def _fused_path_ok(self, base_layer: nn.Module, active: list[str], args, kwargs) -> bool:
         """The op computes exactly what the base layer's forward would: a plain, hook-free linear map."""
         if args or kwargs:
             return False
-        if not (type(base_layer) is nn.Linear or _is_conv1d(base_layer)):
+        if not (type(base_layer) is nn.Linear or _is_conv1d(base_layer)) or self._base_is_hooked(base_layer):
             return False
-        if base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"):
-            return False
-        # The op reads A and B directly, never calling their forward: a wrapper that materializes weights in its
-        # forward (FSDP1/FSDP2 units, offload hooks) would leave them sharded or stale here. Eager path then.
-        for adapter in self.active_adapters:
-            if adapter in self.lora_A:
-                for layer in (self.lora_A[adapter], self.lora_B[adapter]):
-                    if type(layer) is not nn.Linear or layer._forward_pre_hooks or layer._forward_hooks:
-                        return False
-                    if "forward" in layer.__dict__:  # accelerate's add_hook_to_module replaces forward
-                        return False
-        return True
+        return self._adapters_read_directly(active, nn.Linear)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        base_layer = self.base_layer
-        if not active:
-            return base_layer(x, *args, **kwargs)
-        if not self._fused_path_ok(base_layer, args, kwargs):
-            result = base_layer(x, *args, **kwargs)
-            torch_result_dtype = result.dtype
-            for adapter in active:
-                result = result + self._eager_lora_update(x, adapter)
-            return result.to(torch_result_dtype)
-        return self._fused_forward(x, base_layer, active)
+        return self._branch_forward(x, *args, **kwargs)
+
+    def _lora_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
+        if not self._fused_path_ok(self.base_layer, active, args, kwargs):
+            return self._eager_forward(x, active, args, kwargs)
+        return self._fused_forward(x, self.base_layer, active)
 
     def _fused_forward(self, x: torch.Tensor, base_layer: nn.Module, active: list[str]) -> torch.Tensor:
         # Conv1D stores W as (in, out); its transposed view is the (out, in) weight the op expects, no copy.
@@ -643,40 +664,17 @@ class Conv2d(nn.Module, LoraLayer):
             return False
         if type(base_layer) is not nn.Conv2d or not _is_pointwise_conv(base_layer):
             return False
-        if base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"):
+        if self._base_is_hooked(base_layer):
             return False
-        # The op reads A and B directly and never runs their forward: wrappers that materialize weights in
-        # their forward (FSDP units, offload hooks) must take the eager path.
-        for adapter in active:
-            for layer in (self.lora_A[adapter], self.lora_B[adapter]):
-                if type(layer) is not nn.Conv2d or layer._forward_pre_hooks or layer._forward_hooks:
-                    return False
-                if "forward" in layer.__dict__:
-                    return False
-        return True
+        return self._adapters_read_directly(active, nn.Conv2d)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        base_layer = self.base_layer
-        if not active:
-            return base_layer(x, *args, **kwargs)
-        if self._pointwise_path_ok(x, base_layer, active, args, kwargs):
-            return self._pointwise_forward(x, base_layer, active)
-        result = base_layer(x, *args, **kwargs)
-        torch_result_dtype = result.dtype
-        for adapter in active:
-            result = result + self._eager_lora_update(x, adapter)
-        return result.to(torch_result_dtype)
+        return self._branch_forward(x, *args, **kwargs)
+
+    def _lora_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
+        if self._pointwise_path_ok(x, self.base_layer, active, args, kwargs):
+            return self._pointwise_forward(x, self.base_layer, active)
+        return self._eager_forward(x, active, args, kwargs)
 
     def _pointwise_forward(self, x: torch.Tensor, base_layer: nn.Conv2d, active: list[str]) -> torch.Tensor:
         """1×1 conv as a GEMM: x (N, C_in, H, W) → rows (N·H·W, C_in) → one fused op → (N, C_out, H, W).

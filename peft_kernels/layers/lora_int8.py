@@ -81,24 +81,19 @@ class Linear8bitLt(nn.Module, LoraLayer):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
+        return self._branch_forward(x, *args, **kwargs)
+
+    def _lora_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
         int8 = self.int8_weight()
         base = self.base_layer
-        hooked = bool(base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"))
-        if int8 is None or args or kwargs or hooked:
-            return self._eager_forward(x, active, *args, **kwargs)
+        if (
+            int8 is None
+            or args
+            or kwargs
+            or self._base_is_hooked(base)
+            or not self._adapters_read_directly(active, nn.Linear)
+        ):
+            return self._eager_forward(x, active, args, kwargs)
         weight_int8, weight_scale = int8
         bias = base.bias.to(x.dtype) if base.bias is not None else None
         dropouts = [self.lora_dropout[a] for a in active]
@@ -115,8 +110,8 @@ class Linear8bitLt(nn.Module, LoraLayer):
             training=any(isinstance(d, nn.Dropout) and d.training for d in dropouts),
         )
 
-    def _eager_forward(self, x, active, *args, **kwargs):
-        """PEFT's formula over the base layer's own forward (float-weight bases, hooks, extra arguments)."""
+    def _eager_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
+        """PEFT's int8 formula: each LoRA update is cast to the base output's dtype before it is added."""
         result = self.base_layer(x, *args, **kwargs)
         for adapter in active:
             update = self._eager_lora_update(x, adapter)
