@@ -196,6 +196,9 @@ def test_delete_active_adapter_switches():
     assert model.active_adapter == "other"
     assert "default" not in model.peft_config
     assert not any(".default." in k for k in model.state_dict())
+    layer = model.base_model.model.lin0
+    for name in layer.other_param_names:
+        assert "default" not in getattr(layer, name), name
 
 
 def test_second_adapter_with_bias_is_refused_without_leftovers():
