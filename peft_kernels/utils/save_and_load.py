@@ -75,6 +75,23 @@ def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, st
     return mapping
 
 
+def duplicate_checkpoint_keys(model: nn.Module, adapter_name: str, config) -> dict[str, str]:
+    """checkpoint key -> model key for tensors PEFT saves under a second key as well.
+
+    With ``bias="all"``, PEFT's bias selection also picks the trained copy's bias inside a ``modules_to_save``
+    wrapper, so its checkpoint holds both ``<head>.bias`` (from the wrapper) and ``<head>.modules_to_save.bias``
+    (from the bias rule). Reproduced so that both libraries write the same key set.
+    """
+    if getattr(config, "bias", "none") != "all":
+        return {}
+    marker = f".modules_to_save.{adapter_name}."
+    return {
+        key.replace(marker, ".modules_to_save."): key
+        for key in model.state_dict()
+        if marker in key and (key.endswith(".bias"))
+    }
+
+
 def _embedding_key_prefixes(model: nn.Module, config, save_embedding_layers) -> list[str]:
     target_modules = getattr(config, "target_modules", None)
     embedding_targeted = (
@@ -131,6 +148,9 @@ def get_peft_model_state_dict(
         state_dict = model.state_dict()
     mapping = adapter_key_map(model, adapter_name, config)
     to_return = {ckpt_key: state_dict[model_key] for model_key, ckpt_key in mapping.items() if model_key in state_dict}
+    for ckpt_key, model_key in duplicate_checkpoint_keys(model, adapter_name, config).items():
+        if model_key in state_dict:
+            to_return[ckpt_key] = state_dict[model_key]
     for prefix in _embedding_key_prefixes(model, config, save_embedding_layers):
         for key, value in state_dict.items():
             if key.startswith(prefix) and key not in mapping:
@@ -177,6 +197,7 @@ def set_peft_model_state_dict(
 
     mapping = adapter_key_map(model, adapter_name, config)
     ckpt_to_model = {ckpt: mk for mk, ckpt in mapping.items()}
+    ckpt_to_model.update(duplicate_checkpoint_keys(model, adapter_name, config))
     model_sd = model.state_dict()
     has_prefix = any(k.startswith(MODEL_PREFIX) for k in model_sd)
     to_load, unexpected, mismatched = {}, [], []
