@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import dropout_keep_mask_cpu, lora_dropout_mask
+from .dropout import dropout_keep_mask
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,14 +31,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _keep_mask(x: torch.Tensor, p: float, seeds, index: int) -> torch.Tensor:
-    """m_a, bool (M, K): the CPU generator's mask on CPU tensors, the Philox spec elsewhere (dropout.py)."""
-    if x.device.type == "cpu":
-        return dropout_keep_mask_cpu(seeds[index], x.shape[0], x.shape[1], p)
-    return lora_dropout_mask(seeds[index], x.shape[0], x.shape[1], p, device=x.device)
+    """m_a, bool (M, K), for adapter ``index`` (dropout.dropout_keep_mask)."""
+    return dropout_keep_mask(seeds[index], x.shape[0], x.shape[1], p, x.device)
 
 
 def cpu_keep_masks(x: torch.Tensor, dropout_p: list[float], seeds) -> list[torch.Tensor | None]:
-    """[m_a] bool (M, K) per adapter (None where p_a == 0): the CPU masks of ``dropout.dropout_scaled_mask``.
+    """[m_a] bool (M, K) per adapter (None where p_a == 0): the masks of ``dropout.dropout_keep_mask``.
 
     Eager CPU calls (ops/lora.py) draw them once in the forward and keep them for the backward, 1 byte per
     element: regenerating costs two more elementwise passes over M×K, which on CPU cost more than the whole
