@@ -87,11 +87,11 @@ class LoraLayer(BaseTunerLayer):
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout should be in [0, 1), got {lora_dropout}")
+        self._check_new_adapter(r, lora_bias)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+        self._create_adapter_weights(adapter_name, r, lora_bias)
         self.lora_bias[adapter_name] = lora_bias
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.use_rslora[adapter_name] = use_rslora
@@ -100,6 +100,14 @@ class LoraLayer(BaseTunerLayer):
             self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
+        """Hook: raise (or warn) for settings this layer type cannot take."""
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        """Hook: A (r, in) and B (out, r) as nn.Linear, PEFT's layout for linear bases."""
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
         """True: A ~ kaiming_uniform(a=√5), B = 0; "gaussian": A ~ N(0, 1/r), B = 0 (an exact no-op at init)."""
@@ -382,35 +390,11 @@ class Embedding(nn.Module, LoraLayer):
             adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias, inference_mode
         )
 
-    def update_layer(
-        self,
-        adapter_name,
-        r,
-        lora_alpha,
-        lora_dropout,
-        init_lora_weights,
-        use_rslora=False,
-        lora_bias=False,
-        inference_mode=False,
-    ) -> None:
-        if r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout should be in [0, 1), got {lora_dropout}")
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        # PEFT creates the dropout module for embeddings but never applies it; kept for identical state.
-        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        """A (r, num_embeddings), B (embedding_dim, r) as Parameters. PEFT also creates a dropout module for
+        embeddings but never applies it; the template keeps it for identical state."""
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn((r, self.in_features)))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn((self.out_features, r)))
-        self.lora_bias[adapter_name] = False
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.use_rslora[adapter_name] = use_rslora
-        self.use_dora[adapter_name] = False
-        if init_lora_weights:
-            self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         weight_a = self.lora_embedding_A[adapter]
@@ -546,22 +530,7 @@ class Conv2d(nn.Module, LoraLayer):
             adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias, inference_mode
         )
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float,
-        init_lora_weights: Union[bool, str],
-        use_rslora: bool = False,
-        lora_bias: bool = False,
-        inference_mode: bool = False,
-    ) -> None:
-        """Adds adapter ``adapter_name``: A (r, C_in, kh, kw), B (C_out, r/g, 1, 1), dropout, s = α/r (α/√r)."""
-        if r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout should be in [0, 1), got {lora_dropout}")
+    def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
         if r % base.groups != 0:
             raise ValueError(
@@ -574,9 +543,10 @@ class Conv2d(nn.Module, LoraLayer):
                 f"`lora_bias=True` was passed but the targeted layer of type {type(base).__name__} has no bias. "
                 "This means that merging LoRA weights won't be possible."
             )
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        """A (r, C_in, kh, kw), B (C_out, r/g, 1, 1)."""
+        base = self.get_base_layer()
         # PEFT builds A with the base kernel, stride and padding (zeros padding mode, as PEFT). It leaves out
         # the dilation, which for a dilated k×k base makes A's output a different size and the forward fail;
         # passing it changes nothing where PEFT works (dilation is not a parameter, checkpoints are the same).
@@ -584,14 +554,6 @@ class Conv2d(nn.Module, LoraLayer):
             self.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
         )
         self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), groups=base.groups, bias=lora_bias)
-        self.lora_bias[adapter_name] = lora_bias
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.use_rslora[adapter_name] = use_rslora
-        self.use_dora[adapter_name] = False
-        if init_lora_weights:
-            self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW = s · einsum("or,rihw->oihw", B, A): (C_out, C_in, kh, kw); fp32 for 16-bit weights on CPU.
