@@ -268,6 +268,15 @@ class PeftModel(nn.Module):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.get_base_model()(*args, **kwargs)
 
+    def _named_forward(self, task_ids=None, **kwargs):
+        """The task classes' forward: prompt learning (task_ids included), or the base model without PEFT-only
+        keyword arguments (adapter_names routed by the forward hooks)."""
+        if self._is_prompt_learning:
+            return prompt_learning.forward(self, task_ids=task_ids, **kwargs)
+        with self._enable_peft_forward_hooks(**kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.base_model(**kwargs)
+
     def generate(self, *args, **kwargs):
         if self._is_prompt_learning:
             return prompt_learning.generate(self, *args, **kwargs)
@@ -551,31 +560,17 @@ class PeftModelForCausalLM(PeftModel):
         task_ids=None,
         **kwargs,
     ):
-        if self._is_prompt_learning:
-            return prompt_learning.forward(
-                self,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                task_ids=task_ids,
-                **kwargs,
-            )
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                **kwargs,
-            )
+        return self._named_forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            task_ids=task_ids,
+            **kwargs,
+        )
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -598,44 +593,24 @@ class PeftModelForSeq2SeqLM(PeftModel):
         task_ids=None,
         **kwargs,
     ):
-        if self._is_prompt_learning:
-            return prompt_learning.forward(
-                self,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                decoder_inputs_embeds=decoder_inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                task_ids=task_ids,
-                **kwargs,
-            )
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                decoder_inputs_embeds=decoder_inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                **kwargs,
-            )
+        return self._named_forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            task_ids=task_ids,
+            **kwargs,
+        )
 
     def generate(self, **kwargs):
-        if self._is_prompt_learning:
-            return prompt_learning.generate(self, **kwargs)
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-            return self.get_base_model().generate(**kwargs)
+        # Keyword-only, as PEFT's: positional input_ids raise TypeError for seq2seq models.
+        return super().generate(**kwargs)
 
 
 def _extend_modules_to_save(peft_config, names) -> None:
@@ -673,13 +648,6 @@ class _HeadTrainingModel(PeftModel):
         _extend_modules_to_save(peft_config, self.head_names)
         super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage, autocast_adapter_dtype)
 
-    def forward(self, *args, **kwargs):
-        if self._is_prompt_learning:
-            return prompt_learning.forward(self, *args, **kwargs)
-        with self._enable_peft_forward_hooks(*args, **kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-            return self.get_base_model()(*args, **kwargs)
-
 
 class PeftModelForSequenceClassification(_HeadTrainingModel):
     head_names = SEQ_CLS_HEAD_NAMES
@@ -707,26 +675,13 @@ class PeftModelForFeatureExtraction(PeftModel):
         task_ids=None,
         **kwargs,
     ):
-        if self._is_prompt_learning:
-            return prompt_learning.forward(
-                self,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                task_ids=task_ids,
-                **kwargs,
-            )
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                **kwargs,
-            )
+        return self._named_forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            task_ids=task_ids,
+            **kwargs,
+        )
