@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend runs each op").set_defaults(func=_info)
     sub.add_parser("demo", help="LoRA fine-tune MiniLM on CPU end to end (peft-kernels demo --help)")
-    sub.add_parser("bench", help="one LoRA'd linear, PEFT vs peft_kernels: table + PNG (peft-kernels bench --help)")
+    sub.add_parser("bench", help="op benchmarks, PEFT vs peft_kernels' backends: table, CSV, PNG (bench --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main
