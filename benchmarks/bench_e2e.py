@@ -1,15 +1,21 @@
-"""End to end: a Llama-style model, PEFT 0.21.2 vs peft_kernels, per method — training steps/s, activation bytes
-kept for backward, peak memory (CUDA), and greedy decode tokens/s.
+"""End to end: a Llama-style model, PEFT 0.21.2 vs peft_kernels, per method — training steps/s, memory of a step,
+activation bytes kept for backward, and greedy decode tokens/s.
 
-    python benchmarks/bench_e2e.py [--device cpu|cuda] [--steps 10] [--out rows.csv] [--methods lora,lora_int8,prefix]
+    python benchmarks/bench_e2e.py [--device cpu|cuda] [--steps 10] [--decode-reps 5] [--out rows.csv]
+        [--methods lora,lora_int8,prefix]
 
 Model: LlamaConfig(hidden 256, 4 layers, 8 heads, 2 KV heads, intermediate 688, vocab 512) on CPU; a 1B-class
 config (hidden 2048, 16 layers, 32/8 heads) on CUDA. Random weights from a fixed seed; both libraries get the same
 base weights and the same adapter weights (copied), batch (B, T) = (4, 128) on CPU, (8, 1024) on CUDA.
 Methods: LoRA r=16 on q,k,v,o,gate,up,down with dropout 0.05; int8 LoRA (bitsandbytes load_in_8bit for PEFT and us —
 the same CB/SCB weights; CPU only if bitsandbytes imports); prefix tuning with 32 virtual tokens.
-Timing: the two libraries alternate step by step (interleaved), medians with p20/p80 over --steps steps after 2
-warm-up steps. "saved bytes" = unique storages saved for backward (saved_tensors_hooks), parameters excluded.
+A training step is forward + backward + AdamW step + zero_grad. Timing (``peft_kernels.bench.measure``): the two
+libraries alternate step by step (interleaved), medians with p20/p80 over --steps steps after 2 warm-up steps;
+decode: a 16-token prompt, exactly --decode-tokens new tokens, --decode-reps interleaved runs (tokens/s at the
+median; the p20/p80 columns come from the p80/p20 times). Memory of one step: on CPU the bytes allocated and the
+peak of live bytes from the profiler's allocator timeline; on CUDA the peak above the start. "saved bytes" =
+unique storages saved for backward (saved_tensors_hooks), parameters excluded. Rows carry the versions, device
+and git revision.
 """
 
 from __future__ import annotations
@@ -18,11 +24,8 @@ import argparse
 import contextlib
 import copy
 import csv
-import datetime
 import os
-import statistics
 import tempfile
-import time
 import warnings
 
 import torch
@@ -99,90 +102,79 @@ def build_pair(method, device, dtype):
     return {"peft": theirs, "peft_kernels": ours}
 
 
-def saved_bytes(model, batch) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
+def train_step(model, optimizer, batch):
+    def step():
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return step
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def decode(model, prompt, tokens: int):
+    def run():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+    return run
 
 
-def q(values):
-    deciles = statistics.quantiles(values, n=10)
-    return statistics.median(values), deciles[1], deciles[7]
+def run_method(method, device, steps, decode_tokens, decode_reps):
+    from peft_kernels.bench import measure
 
-
-def run_method(method, device, steps, decode_tokens):
+    dev = torch.device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     models = build_pair(method, device, dtype)
     b, t = (8, 1024) if device == "cuda" else (4, 128)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, models["peft"].config.vocab_size, (b, t), generator=generator).to(device)
     batch = {"input_ids": ids, "labels": ids}
-    optimizers = {
-        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()
+    for model in models.values():
+        model.train()
+    steps_fns = {
+        key: train_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), batch)
+        for key, model in models.items()
     }
-    times = {k: [] for k in models}
-    peaks = {}
-    for step in range(steps + 2):
-        for key, model in models.items():
-            model.train()
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync(device)
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            optimizers[key].step()
-            optimizers[key].zero_grad(set_to_none=True)
-            sync(device)
-            if step >= 2:
-                times[key].append(time.perf_counter() - start)
-            if device == "cuda":
-                peaks[key] = torch.cuda.max_memory_allocated()
-    rows = []
+    times = measure.interleaved_times(steps_fns, dev, steps, warmup=2)
+    memory = {key: measure.allocations(fn, dev) for key, fn in steps_fns.items()}
+    saved = {}
     for key, model in models.items():
-        kept = saved_bytes(model, batch)
+        params = list(model.parameters())
+        saved[key] = measure.saved_for_backward_bytes(lambda model=model: model(**batch).loss, params)
+        model.zero_grad(set_to_none=True)
         model.eval()
-        prompt = ids[:1, :16]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False)  # warm-up
-            sync(device)
-            start = time.perf_counter()
-            out = model.generate(
-                input_ids=prompt, max_new_tokens=decode_tokens, do_sample=False, min_new_tokens=decode_tokens
-            )
-            sync(device)
-        elapsed = time.perf_counter() - start
-        p50, p20, p80 = q(times[key])
+    prompt = ids[:1, :16]
+    decode_fns = {key: decode(model, prompt, decode_tokens) for key, model in models.items()}
+    decode_times = measure.interleaved_times(decode_fns, dev, decode_reps, warmup=1)
+    outputs = {key: fn() for key, fn in decode_fns.items()}
+    rows = []
+    meta = measure.run_metadata(dev)
+    for key in models:
+        p50, p20, p80 = measure.quantiles(times[key])
+        d50, d20, d80 = measure.quantiles(decode_times[key])
+        alloc, peak = memory[key]
         rows.append(
             {
                 "method": method,
                 "provider": key,
-                "device": device if device == "cpu" else torch.cuda.get_device_name(),
                 "dtype": str(dtype).replace("torch.", ""),
                 "batch": f"{b}x{t}",
-                "train_step_p50_s": round(p50, 4),
-                "train_step_p20_s": round(p20, 4),
-                "train_step_p80_s": round(p80, 4),
+                "train_step_p50_ms": round(p50 * 1e3, 3),
+                "train_step_p20_ms": round(p20 * 1e3, 3),
+                "train_step_p80_ms": round(p80 * 1e3, 3),
                 "train_steps_per_s": round(1 / p50, 3),
-                "saved_bytes_mb": round(kept / 1e6, 2),
-                "peak_mem_mb": round(peaks.get(key, float("nan")) / 1e6, 1) if device == "cuda" else "",
-                "decode_tok_per_s": round((out.shape[1] - prompt.shape[1]) / elapsed, 1),
+                "speedup_vs_peft": round(measure.quantiles(times["peft"])[0] / p50, 4),
+                "step_alloc_bytes": "" if alloc is None else alloc,
+                "step_peak_bytes": peak,
+                "saved_bytes": saved[key],
+                "decode_tokens": decode_tokens,
+                "decode_tok_per_s_p50": round(decode_tokens / d50, 2),
+                "decode_tok_per_s_p20": round(decode_tokens / d80, 2),
+                "decode_tok_per_s_p80": round(decode_tokens / d20, 2),
+                "same_tokens_as_peft": bool(torch.equal(outputs[key], outputs["peft"])),
+                "reps": f"{steps} steps, {decode_reps} decodes",
+                **meta,
             }
         )
     return rows
@@ -193,6 +185,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--decode-reps", type=int, default=5)
     parser.add_argument("--methods", default="lora,lora_int8,prefix")
     parser.add_argument("--out", default=None)
     parser.add_argument("--dry-run", action="store_true")
@@ -204,10 +197,6 @@ def main(argv=None):
             f"decode_tokens={args.decode_tokens}"
         )
         return 0
-    import peft
-
-    import peft_kernels as pk
-
     all_rows = []
     for method in methods:
         if method == "lora_int8":
@@ -217,20 +206,17 @@ def main(argv=None):
                 print(f"skipping lora_int8: bitsandbytes unavailable ({exc})")
                 continue
         with contextlib.redirect_stderr(open(os.devnull, "w")):
-            rows = run_method(method, args.device, args.steps, args.decode_tokens)
-        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        for row in rows:
-            row.update(torch=torch.__version__, peft=peft.__version__, peft_kernels=pk.__version__, timestamp=stamp)
+            rows = run_method(method, args.device, args.steps, args.decode_tokens, args.decode_reps)
         all_rows += rows
-        theirs, ours = rows
-        print(
-            f"{method:<10} train step p50 [p20, p80]: peft {theirs['train_step_p50_s'] * 1e3:8.1f} ms "
-            f"[{theirs['train_step_p20_s'] * 1e3:.1f}, {theirs['train_step_p80_s'] * 1e3:.1f}]  ours "
-            f"{ours['train_step_p50_s'] * 1e3:8.1f} ms [{ours['train_step_p20_s'] * 1e3:.1f}, "
-            f"{ours['train_step_p80_s'] * 1e3:.1f}]  speedup {theirs['train_step_p50_s'] / ours['train_step_p50_s']:.2f}x"
-            f" | saved for backward: peft {theirs['saved_bytes_mb']} MB, ours {ours['saved_bytes_mb']} MB"
-            f" | decode: peft {theirs['decode_tok_per_s']} tok/s, ours {ours['decode_tok_per_s']} tok/s"
-        )
+        for row in rows:
+            mem = f"alloc {row['step_alloc_bytes'] / 1e6:.1f} MB, " if row["step_alloc_bytes"] != "" else ""
+            print(
+                f"{method:<10} {row['provider']:<13} train step {row['train_step_p50_ms']:9.1f} ms "
+                f"[{row['train_step_p20_ms']:.1f}, {row['train_step_p80_ms']:.1f}] x{row['speedup_vs_peft']:.2f} vs peft"
+                f" | {mem}peak {row['step_peak_bytes'] / 1e6:.1f} MB, saved {row['saved_bytes'] / 1e6:.1f} MB"
+                f" | decode {row['decode_tok_per_s_p50']} tok/s [{row['decode_tok_per_s_p20']},"
+                f" {row['decode_tok_per_s_p80']}] same tokens: {row['same_tokens_as_peft']}"
+            )
     if args.out and all_rows:
         new = not os.path.exists(args.out)
         with open(args.out, "a", newline="") as f:

@@ -56,8 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lora import QUANTILES, _git_sha, _peak_bytes  # noqa: E402  (same folder, shared helpers)
+from peft_kernels.bench import measure as bench_measure
+
+QUANTILES = [0.5, 0.2, 0.8]  # triton.testing.do_bench's median, p20, p80
 
 PROVIDERS = ("peft-bnb", "gpt-fast-style", "gpt-fast-style+compile", "triton", "cuda", "bf16-lora-triton")
 MODES = ("fwd", "full", "decode")
@@ -235,7 +236,7 @@ def _compiled_gpt_fast():
 @contextlib.contextmanager
 def _pinned(provider: str):
     """The ops of ``provider`` pinned to its backend through the priority lists (``backend=`` is a ContextVar,
-    invisible to autograd's CUDA thread; see bench_lora.py)."""
+    invisible to autograd's CUDA thread)."""
     from peft_kernels.ops import _dispatch
 
     pins = {
@@ -350,7 +351,7 @@ def _measure(provider, mode, s, weight_copies, x, dy, lora_a, lora_b, scaling, b
             next_fwd()(x).backward(dy)
 
     fn()  # untimed: autotuning, torch.compile, lazy allocations
-    peak = _peak_bytes(fn)
+    peak = bench_measure.allocations(fn, torch.device("cuda"))[1]
     if mode == "decode" and not (provider == "peft-bnb" and bnb_threshold > 0):
         p50, p20, p80, timer = _time_decode(fn)
     else:
@@ -419,7 +420,7 @@ def main(argv=None) -> int:
         "triton": triton.__version__,
         "bitsandbytes": getattr(bnb, "__version__", "") if bnb is not None else "",
         "peft_kernels": peft_kernels.__version__,
-        "git_sha": _git_sha(),
+        "git_sha": bench_measure.git_sha(),
     }
     writer, out_file = None, None
     if args.out:

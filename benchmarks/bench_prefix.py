@@ -49,12 +49,12 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 import warnings
 
 import torch
+
+from peft_kernels.bench import measure
 
 PROVIDERS = ("peft", "pk-dynamic", "pk-fused")
 CPU_SHAPES = ("1x64x16", "4x128x16", "8x256x32")
@@ -151,35 +151,9 @@ def decode_fn(model, input_ids, mask, new_tokens: int):
 
 
 # ------------------------------------------------------------------------------------------------ CPU method
-def allocated_bytes(fn) -> tuple[int, int, object]:
-    """(bytes allocated in total, peak live bytes above the start, fn's result) of one call of fn (CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-        ) as prof:
-            result = fn()
-        timeline = prof._memory_profile().timeline
-    total = live = peak = 0
-    for _t, action, _key, nbytes in timeline:
-        name = getattr(action, "name", str(action))
-        if name == "CREATE":
-            total += nbytes
-            live += nbytes
-            peak = max(peak, live)
-        elif name == "DESTROY":
-            live -= nbytes
-    return total, peak, result
-
-
-def quantiles(samples):
-    s = sorted(samples)
-    if len(s) < 3:
-        return statistics.median(s), s[0], s[-1]
-    q = statistics.quantiles(s, n=10)
-    return statistics.median(s), q[1], q[7]
+# Bytes allocated / peak (the profiler's allocator timeline) and quantiles: shared with peft-kernels bench.
+allocated_bytes = measure.cpu_allocations
+quantiles = measure.quantiles
 
 
 def timed_interleaved(fns: dict, reps: int, warmup: int, timer) -> dict:
@@ -199,9 +173,7 @@ def timed_interleaved(fns: dict, reps: int, warmup: int, timer) -> dict:
 
 
 def cpu_timer(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return measure.time_once(fn, torch.device("cpu"))
 
 
 def run_cpu(args) -> list[dict]:
@@ -282,22 +254,11 @@ def gpu_plan(args) -> str:
 
 
 def cuda_timer(fn) -> float:
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / 1e3
+    return measure.time_once(fn, torch.device("cuda"))
 
 
 def cuda_peak(fn) -> int:
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    return measure.allocations(fn, torch.device("cuda"))[1]
 
 
 def prefix_backend() -> str:
@@ -355,16 +316,6 @@ def run_gpu(args) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ output
-def git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def write_rows(rows: list[dict], path: str, device: str, threads: int) -> None:
     import peft
     import transformers
@@ -381,7 +332,7 @@ def write_rows(rows: list[dict], path: str, device: str, threads: int) -> None:
         transformers=transformers.__version__,
         peft=peft.__version__,
         peft_kernels=pk.__version__,
-        git_sha=git_sha(),
+        git_sha=measure.git_sha(),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(),
     )
     new = not os.path.exists(path)

@@ -26,24 +26,24 @@ failures=0
 
 PLAN=(
   "env: nvidia-smi, versions, peft-kernels info -> env.txt"
-  "budget: every step has a timeout (150+180+120+60+90 s = 10 min worst case); benchmarks run --quick"
+  "budget: every step has a timeout (150+150+180+60+60 s = 10 min worst case); benchmarks run --quick"
   "build: setup.py build_ext --inplace (sm_90 only, MAX_JOBS=16) -> build.log"
-  "tests: pytest -m gpu -x (timeout 180 s) -> pytest_gpu.log"
-  "bench: benchmarks/bench_lora.py (Llama-8B-like shapes, bf16, p in {0, 0.1}) -> bench_lora.csv"
+  "tests: pytest -m gpu -x (timeout 150 s) -> pytest_gpu.log"
+  "bench: peft-kernels bench --device cuda --size quick (LoRA, int8 LoRA, prefix K/V ops; providers peft, reference, reference+compile, triton, cuda; timeout 180 s) -> bench_ops.csv, bench_ops.png"
   "bench: benchmarks/bench_prefix.py --gpu (B=8, T=2048, P=32; 256-token generation) -> bench_prefix.csv"
-  "bench: benchmarks/bench_lora_int8.py --quick (W8A16: 4096x4096x4096 fwd/full, decode M=1; timeout 150 s) -> bench_lora_int8.csv"
+  "bench: benchmarks/bench_lora_int8.py --quick (W8A16 decode M=1 under CUDA graphs, L2-cold weights; timeout 60 s) -> bench_lora_int8.csv"
 )
 if [[ "$DRY" == "--dry-run" ]]; then
   echo "gpu_suite plan (OUTDIR=$OUT):"
   printf '  %s\n' "${PLAN[@]}"
   "$PY" -c "import peft_kernels, peft_kernels.cli; print('ok: peft_kernels imports', peft_kernels.__version__)" || exit 1
-  [[ -f benchmarks/bench_lora.py ]] || { echo "missing benchmarks/bench_lora.py"; exit 1; }
-  for script in benchmarks/bench_lora.py benchmarks/bench_prefix.py benchmarks/bench_lora_int8.py; do
-    if [[ -f "$script" ]]; then
-      "$PY" "$script" --dry-run > "$OUT/$(basename "$script" .py)_plan.txt" || { echo "$script --dry-run failed"; exit 1; }
-      echo "ok: $script --dry-run"
-    fi
+  for script in benchmarks/bench_prefix.py benchmarks/bench_lora_int8.py; do
+    "$PY" "$script" --dry-run > "$OUT/$(basename "$script" .py)_plan.txt" || { echo "$script --dry-run failed"; exit 1; }
+    echo "ok: $script --dry-run"
   done
+  "$PY" -c "from peft_kernels.bench.cases import select_cases as s; print(len(s('cuda', 'quick')), 'op cases')" \
+    > "$OUT/bench_ops_plan.txt" || { echo "op suite plan failed"; exit 1; }
+  echo "ok: peft-kernels bench plan ($(cat "$OUT/bench_ops_plan.txt"))"
   echo "dry run ok"
   exit 0
 fi
@@ -55,21 +55,18 @@ PEFT_KERNELS_CUDA_ARCHS="90" MAX_JOBS="${MAX_JOBS:-16}" timeout 150 "$PY" setup.
   > "$OUT/build.log" 2>&1 || { echo "build failed (see build.log)"; failures=$((failures + 1)); }
 "$PY" -m peft_kernels.cli info >> "$OUT/env.txt" 2>&1
 step "GPU tests"
-timeout 180 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1 \
+timeout 150 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1 \
   || { echo "GPU tests failed (see pytest_gpu.log)"; failures=$((failures + 1)); }
 tail -3 "$OUT/pytest_gpu.log"
-step "LoRA benchmark"
-timeout 120 "$PY" benchmarks/bench_lora.py --quick --out "$OUT/bench_lora.csv" > "$OUT/bench_lora.log" 2>&1 \
-  || { echo "bench_lora failed (see bench_lora.log)"; failures=$((failures + 1)); }
-if [[ -f benchmarks/bench_prefix.py ]]; then
-  step "prefix benchmark"
-  timeout 60 "$PY" benchmarks/bench_prefix.py --gpu --out "$OUT/bench_prefix.csv" > "$OUT/bench_prefix.log" 2>&1 \
-    || { echo "bench_prefix failed (see bench_prefix.log)"; failures=$((failures + 1)); }
-fi
-if [[ -f benchmarks/bench_lora_int8.py ]]; then
-  step "int8 LoRA benchmark"
-  timeout 90 "$PY" benchmarks/bench_lora_int8.py --quick --out "$OUT/bench_lora_int8.csv" > "$OUT/bench_lora_int8.log" 2>&1 \
-    || { echo "bench_lora_int8 failed (see bench_lora_int8.log)"; failures=$((failures + 1)); }
-fi
+step "op benchmarks"
+timeout 180 "$PY" -m peft_kernels.cli bench --device cuda --size quick --no-progress --out "$OUT/bench_ops.csv" \
+  --plot "$OUT/bench_ops.png" > "$OUT/bench_ops.log" 2>&1 \
+  || { echo "op benchmarks failed (see bench_ops.log)"; failures=$((failures + 1)); }
+step "prefix benchmark"
+timeout 60 "$PY" benchmarks/bench_prefix.py --gpu --out "$OUT/bench_prefix.csv" > "$OUT/bench_prefix.log" 2>&1 \
+  || { echo "bench_prefix failed (see bench_prefix.log)"; failures=$((failures + 1)); }
+step "int8 LoRA decode benchmark"
+timeout 60 "$PY" benchmarks/bench_lora_int8.py --quick --modes decode --out "$OUT/bench_lora_int8.csv" \
+  > "$OUT/bench_lora_int8.log" 2>&1 || { echo "bench_lora_int8 failed (see bench_lora_int8.log)"; failures=$((failures + 1)); }
 step "done with $failures failure(s)"
 exit "$failures"

@@ -163,12 +163,12 @@ def select_cases(device_type: str, size: str, ops=OPS, modes=None) -> list[Case]
         prefix = [_prefix_shape("llama3-8b", 8, 2048, 32)]
     elif size == "quick":
         lora = [
-            LinearShape("bert-base", "query", 256, *BERT_BASE["query"], 16),
+            *(LinearShape("bert-base", "query", 256, *BERT_BASE["query"], r) for r in (8, 16, 64)),
             LinearShape("bert-base", "query", 256, *BERT_BASE["query"], 16, 0.1),
             LinearShape("gpt2", "c_attn", 256, *GPT2["c_attn"], 8),
             LinearShape("llama3-8b", "k_proj", 1, *k, 16),
         ]
-        int8 = [LinearShape("bert-base", "query", 256, *BERT_BASE["query"], 16), lora[-1]]
+        int8 = [LinearShape("bert-base", "query", 256, *BERT_BASE["query"], 16), lora[-1]]  # + decode M=1
         prefix = [_prefix_shape("gpt2", 4, 128, 16)]
     elif size == "full":
         tokens = (1, 16, 512, 8192) if gpu else (1, 256)
