@@ -11,7 +11,7 @@ Methods: LoRA r=16 on q,k,v,o,gate,up,down with dropout 0.05; int8 LoRA (bitsand
 the same CB/SCB weights; CPU only if bitsandbytes imports); prefix tuning with 32 virtual tokens.
 A training step is forward + backward + AdamW step + zero_grad. Timing (``peft_kernels.bench.measure``): the two
 libraries alternate step by step (interleaved), medians with p20/p80 over --steps steps after 2 warm-up steps;
-decode: a 16-token prompt, exactly --decode-tokens new tokens, --decode-reps interleaved runs (tokens/s at the
+decode (before any training step, on equal weights): a 16-token prompt, exactly --decode-tokens new tokens, --decode-reps interleaved runs (tokens/s at the
 median; the p20/p80 columns come from the p80/p20 times). Memory of one step: on CPU the bytes allocated and the
 peak of live bytes from the profiler's allocator timeline; on CUDA the peak above the start. "saved bytes" =
 unique storages saved for backward (saved_tensors_hooks), parameters excluded. Rows carry the versions, device
@@ -130,6 +130,14 @@ def run_method(method, device, steps, decode_tokens, decode_reps):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, models["peft"].config.vocab_size, (b, t), generator=generator).to(device)
     batch = {"input_ids": ids, "labels": ids}
+    # Decode first, while both models hold the same weights (training steps with different dropout masks make
+    # the two adapters drift apart, and then their greedy tokens may differ).
+    for model in models.values():
+        model.eval()
+    prompt = ids[:1, :16]
+    decode_fns = {key: decode(model, prompt, decode_tokens) for key, model in models.items()}
+    decode_times = measure.interleaved_times(decode_fns, dev, decode_reps, warmup=1)
+    outputs = {key: fn() for key, fn in decode_fns.items()}
     for model in models.values():
         model.train()
     steps_fns = {
@@ -143,11 +151,6 @@ def run_method(method, device, steps, decode_tokens, decode_reps):
         params = list(model.parameters())
         saved[key] = measure.saved_for_backward_bytes(lambda model=model: model(**batch).loss, params)
         model.zero_grad(set_to_none=True)
-        model.eval()
-    prompt = ids[:1, :16]
-    decode_fns = {key: decode(model, prompt, decode_tokens) for key, model in models.items()}
-    decode_times = measure.interleaved_times(decode_fns, dev, decode_reps, warmup=1)
-    outputs = {key: fn() for key, fn in decode_fns.items()}
     rows = []
     meta = measure.run_metadata(dev)
     for key in models:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU script: build the CUDA extension, run the GPU tests, run the key benchmarks.
 #
-#   bash benchmarks/gpu_suite.sh OUTDIR            # on a CUDA machine (no network needed), ~8 min budget on an H200
+#   bash benchmarks/gpu_suite.sh OUTDIR            # on a CUDA machine (no network needed), 8 min worst case on an H200 (every step has a timeout)
 #   bash benchmarks/gpu_suite.sh OUTDIR --dry-run  # anywhere: prints the plan, checks every script imports
 #
 # Everything it measures lands in OUTDIR: env.txt (GPU, driver, versions, git sha, date), build.log,
@@ -26,12 +26,12 @@ failures=0
 
 PLAN=(
   "env: nvidia-smi, versions, peft-kernels info -> env.txt"
-  "budget: every step has a timeout (150+150+180+60+60 s = 10 min worst case); benchmarks run --quick"
+  "budget: every step has a timeout (120+120+150+45+45 s = 8 min worst case); benchmarks run --quick"
   "build: setup.py build_ext --inplace (sm_90 only, MAX_JOBS=16) -> build.log"
-  "tests: pytest -m gpu -x (timeout 150 s) -> pytest_gpu.log"
-  "bench: peft-kernels bench --device cuda --size quick (LoRA, int8 LoRA, prefix K/V ops; providers peft, reference, reference+compile, triton, cuda; timeout 180 s) -> bench_ops.csv, bench_ops.png"
-  "bench: benchmarks/bench_prefix.py --gpu (B=8, T=2048, P=32; 256-token generation) -> bench_prefix.csv"
-  "bench: benchmarks/bench_lora_int8.py --quick (W8A16 decode M=1 under CUDA graphs, L2-cold weights; timeout 60 s) -> bench_lora_int8.csv"
+  "tests: pytest -m gpu -x (timeout 120 s) -> pytest_gpu.log"
+  "bench: peft-kernels bench --device cuda --size quick (LoRA, int8 LoRA, prefix K/V ops; providers peft, reference, reference+compile, triton, cuda; rows written per case; timeout 150 s) -> bench_ops.csv, bench_ops.png"
+  "bench: benchmarks/bench_prefix.py --gpu --reps 5 (B=8, T=2048, P=32; 256-token generation; timeout 45 s) -> bench_prefix.csv"
+  "bench: benchmarks/bench_lora_int8.py --quick (W8A16 decode M=1 under CUDA graphs, L2-cold weights; timeout 45 s) -> bench_lora_int8.csv"
 )
 if [[ "$DRY" == "--dry-run" ]]; then
   echo "gpu_suite plan (OUTDIR=$OUT):"
@@ -51,22 +51,22 @@ fi
 step "env"
 { nvidia-smi; date -u; git rev-parse HEAD 2>/dev/null; "$PY" -m peft_kernels.cli info; } > "$OUT/env.txt" 2>&1
 step "build the extension (sm_90)"
-PEFT_KERNELS_CUDA_ARCHS="90" MAX_JOBS="${MAX_JOBS:-16}" timeout 150 "$PY" setup.py build_ext --inplace \
+PEFT_KERNELS_CUDA_ARCHS="90" MAX_JOBS="${MAX_JOBS:-16}" timeout 120 "$PY" setup.py build_ext --inplace \
   > "$OUT/build.log" 2>&1 || { echo "build failed (see build.log)"; failures=$((failures + 1)); }
 "$PY" -m peft_kernels.cli info >> "$OUT/env.txt" 2>&1
 step "GPU tests"
-timeout 150 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1 \
+timeout 120 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1 \
   || { echo "GPU tests failed (see pytest_gpu.log)"; failures=$((failures + 1)); }
 tail -3 "$OUT/pytest_gpu.log"
 step "op benchmarks"
-timeout 180 "$PY" -m peft_kernels.cli bench --device cuda --size quick --no-progress --out "$OUT/bench_ops.csv" \
+timeout 150 "$PY" -m peft_kernels.cli bench --device cuda --size quick --no-progress --out "$OUT/bench_ops.csv" \
   --plot "$OUT/bench_ops.png" > "$OUT/bench_ops.log" 2>&1 \
   || { echo "op benchmarks failed (see bench_ops.log)"; failures=$((failures + 1)); }
 step "prefix benchmark"
-timeout 60 "$PY" benchmarks/bench_prefix.py --gpu --out "$OUT/bench_prefix.csv" > "$OUT/bench_prefix.log" 2>&1 \
+timeout 45 "$PY" benchmarks/bench_prefix.py --gpu --reps 5 --out "$OUT/bench_prefix.csv" > "$OUT/bench_prefix.log" 2>&1 \
   || { echo "bench_prefix failed (see bench_prefix.log)"; failures=$((failures + 1)); }
 step "int8 LoRA decode benchmark"
-timeout 60 "$PY" benchmarks/bench_lora_int8.py --quick --modes decode --out "$OUT/bench_lora_int8.csv" \
+timeout 45 "$PY" benchmarks/bench_lora_int8.py --quick --modes decode --out "$OUT/bench_lora_int8.csv" \
   > "$OUT/bench_lora_int8.log" 2>&1 || { echo "bench_lora_int8 failed (see bench_lora_int8.log)"; failures=$((failures + 1)); }
 step "done with $failures failure(s)"
 exit "$failures"

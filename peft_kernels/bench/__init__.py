@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from . import measure
-from .cases import LINEAR_MODES, OPS, PREFIX_MODES, Case, select_cases
+from .cases import DECODE_TOKENS_MAX, LINEAR_MODES, OPS, PREFIX_MODES, Case, select_cases
 from .providers import PROVIDERS, Unavailable, _as_list, backend_of, build_problem, check_backend, pinned
 
 CSV_FIELDS = (
@@ -135,7 +135,7 @@ def bench_case(case: Case, device: torch.device, providers, reps: int, warmup: i
     peak_flops, peak_bandwidth = measure.device_peaks(measure.device_name(device))
     act_bytes = torch.finfo(problem.dtype).bits // 8
     flops = case.flops()
-    memory_bound = flops is None or case.shape.__dict__.get("M", 0) <= 16
+    memory_bound = flops is None or case.shape.M <= DECODE_TOKENS_MAX
     peft_p50 = measure.quantiles(times["peft"])[0] if "peft" in times else None
     rows = []
     for provider in providers:
@@ -199,10 +199,18 @@ def run(
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _memory_bound(row: dict) -> bool:
+    """Copy-shaped ops and decode-sized linears are judged by GB/s, the rest by TFLOP/s."""
+    if row["tflops"] == "":
+        return True
+    tokens = int(row["dims"].split()[0].removeprefix("M="))
+    return tokens <= DECODE_TOKENS_MAX
+
+
 def _cell(row: dict) -> str:
     if not row["p50_ms"] and row["p50_ms"] != 0:
         return row["note"][:70]
-    rate = f"{row['tflops']:.3f} TFLOP/s" if row["tflops"] != "" else f"{row['gbps']:.2f} GB/s"
+    rate = f"{row['tflops']:.3f} TFLOP/s" if not _memory_bound(row) else f"{row['gbps']:.2f} GB/s"
     peak = f"{row['peak_bytes'] / 1e6:.2f} MB"
     alloc = f"{row['alloc_bytes'] / 1e6:.2f} MB" if row["alloc_bytes"] != "" else "-"
     saved = f"{row['saved_bytes'] / 1e6:.2f} MB" if row["saved_bytes"] != "" else "-"
@@ -248,7 +256,8 @@ def plot(rows: list[dict], path: str) -> bool:
     if not rated:
         return False
     ops = list(dict.fromkeys(r["op"] for r in rated))
-    fig, axes = plt.subplots(len(ops), 1, figsize=(12, 3.6 * len(ops)), squeeze=False)
+    widest = max(len({(r["mode"], r["shape"]) for r in rated if r["op"] == op}) for op in ops)
+    fig, axes = plt.subplots(len(ops), 1, figsize=(max(8.0, 0.6 * widest + 2), 4.2 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
         op_rows = [r for r in rated if r["op"] == op]
         cases = list(dict.fromkeys(f"{r['mode']} {r['shape']}" for r in op_rows))
@@ -260,7 +269,7 @@ def plot(rows: list[dict], path: str) -> bool:
             ax.bar(xs, [values[c] for c in cases if c in values], width, label=provider)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(cases))], cases, fontsize=7)
-        ax.tick_params(axis="x", labelrotation=20)
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")
         ax.set_ylabel("speedup vs PEFT\n(PEFT p50 / p50)")
         ax.set_title(f"{op} — {rows[0]['device']}, torch {rows[0]['torch']}, peft {rows[0]['peft']}", fontsize=9)
         ax.legend(fontsize=7)
