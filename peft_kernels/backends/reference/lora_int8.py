@@ -55,7 +55,8 @@ def dequantize_int8(weight_int8: torch.Tensor, weight_scale: torch.Tensor, dtype
     Integers in [-127, 127] are exact in every float dtype, so the only roundings are the product and the cast.
     """
     acc = _acc_dtype(dtype)
-    return (weight_int8.to(acc) * weight_scale.to(acc)[:, None]).to(dtype)
+    # int8 × float promotes to the float type, converting each integer exactly: one N×K temporary, not two.
+    return (weight_int8 * weight_scale.to(acc)[:, None]).to(dtype)
 
 
 def lora_linear_int8_fwd(
