@@ -55,8 +55,9 @@ def dequantize_int8(weight_int8: torch.Tensor, weight_scale: torch.Tensor, dtype
     Integers in [-127, 127] are exact in every float dtype, so the only roundings are the product and the cast.
     """
     acc = _acc_dtype(dtype)
-    # int8 × float promotes to the float type, converting each integer exactly: one N×K temporary, not two.
-    return (weight_int8 * weight_scale.to(acc)[:, None]).to(dtype)
+    # Scale in place: one N×K temporary, not two (an out-of-place int8 × float multiply casts its int8 input
+    # into a temporary of its own first).
+    return weight_int8.to(acc).mul_(weight_scale.to(acc)[:, None]).to(dtype)
 
 
 def lora_linear_int8_fwd(
