@@ -17,7 +17,6 @@ import copy
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from importlib import resources
 
@@ -104,18 +103,17 @@ def lora_config(lib):
     return lib.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
 
 
-def step_times(model, enc, labels, steps: int) -> list[float]:
-    """Wall time of ``steps`` training steps (forward, backward, AdamW) on one fixed batch, in ms."""
+def train_step(model, enc, labels):
+    """One training step (forward, backward, AdamW) on a fixed batch."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    times = []
-    for _ in range(steps + 2):
-        start = time.perf_counter()
+
+    def step():
         model(**enc, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times[2:]  # the first steps warm up allocators and kernels
+
+    return step
 
 
 def main(argv=None) -> int:
@@ -165,16 +163,21 @@ def main(argv=None) -> int:
         peft = None
     enc = tokenizer(train_x[:16], padding=True, return_tensors="pt")
     labels = torch.tensor(train_y[:16])
-    ours = pk.get_peft_model(copy.deepcopy(pristine), lora_config(pk))
-    ours_ms = step_times(ours, enc, labels, args.timing_steps)
+    from .bench import measure
+
+    steps = {"peft_kernels": train_step(pk.get_peft_model(copy.deepcopy(pristine), lora_config(pk)), enc, labels)}
     if peft is not None:
-        theirs = peft.get_peft_model(copy.deepcopy(pristine), lora_config(peft))
-        theirs_ms = step_times(theirs, enc, labels, args.timing_steps)
-        ratio = statistics.median(ours_ms) / statistics.median(theirs_ms)
+        steps["peft"] = train_step(peft.get_peft_model(copy.deepcopy(pristine), lora_config(peft)), enc, labels)
+    # The two libraries alternate step by step (drift hits both), after two warm-up steps each.
+    times = measure.interleaved_times(steps, torch.device("cpu"), args.timing_steps, warmup=2)
+    ours_ms = [1e3 * t for t in times["peft_kernels"]]
+    if peft is not None:
+        theirs_ms = [1e3 * t for t in times["peft"]]
+        ours_q, theirs_q = measure.quantiles(ours_ms), measure.quantiles(theirs_ms)
         print(
-            f"training step (batch 16, CPU): peft_kernels {statistics.median(ours_ms):.1f} ms, "
-            f"peft {peft.__version__} {statistics.median(theirs_ms):.1f} ms (median of {args.timing_steps}); "
-            f"ratio {ratio:.2f}"
+            f"training step (batch 16, CPU, median [p20, p80] of {args.timing_steps}, interleaved): peft_kernels "
+            f"{ours_q[0]:.1f} ms [{ours_q[1]:.1f}, {ours_q[2]:.1f}], peft {peft.__version__} {theirs_q[0]:.1f} ms "
+            f"[{theirs_q[1]:.1f}, {theirs_q[2]:.1f}]; speedup {theirs_q[0] / ours_q[0]:.2f}x"
         )
     else:
         print(
