@@ -215,6 +215,21 @@ class LoraLayer(BaseTunerLayer):
     def _base_is_hooked(base_layer: nn.Module) -> bool:
         return bool(base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"))
 
+    def unmerge(self) -> None:
+        """W -= ΔW_a (and b -= s·b_B with lora_bias) in reverse merge order; Embedding and int8 layers override."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
+                if self.lora_bias[adapter]:
+                    base_layer.bias.data -= (self.lora_B[adapter].bias * self.scaling[adapter]).to(
+                        base_layer.bias.dtype
+                    )
+
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """Row i uses adapter adapter_names[i] ("__base__": none). Eval-only; eager."""
         result = self.base_layer(x, *args, **kwargs)
@@ -298,21 +313,6 @@ class Linear(nn.Module, LoraLayer):
                         base_layer.bias.dtype
                     )
             self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        """W -= ΔW_a in reverse merge order."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        base_layer = self.get_base_layer()
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.lora_A:
-                base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
-                if self.lora_bias[adapter]:
-                    base_layer.bias.data -= (self.lora_B[adapter].bias * self.scaling[adapter]).to(
-                        base_layer.bias.dtype
-                    )
 
     def _fused_path_ok(self, base_layer: nn.Module, active: list[str], args, kwargs) -> bool:
         """The op computes exactly what the base layer's forward would: a plain, hook-free linear map."""
@@ -604,21 +604,6 @@ class Conv2d(nn.Module, LoraLayer):
             if new_bias is not None:
                 base_layer.bias.data = new_bias.detach().to(base_layer.bias.dtype)
             self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        """W -= ΔW_a (and b -= s·b_B) in reverse merge order."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        base_layer = self.get_base_layer()
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.lora_A:
-                base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
-                if self.lora_bias[adapter]:
-                    base_layer.bias.data -= (self.lora_B[adapter].bias * self.scaling[adapter]).to(
-                        base_layer.bias.dtype
-                    )
 
     def _pointwise_path_ok(self, x: torch.Tensor, base_layer: nn.Module, active: list[str], args, kwargs) -> bool:
         """The op computes exactly what base + eager LoRA would: plain 1×1 convs, no hooks, a batched input."""

@@ -6,7 +6,7 @@ in test_prompt_learning.py) and ``fused`` (the default), and asks for the same o
 scores. Also: the prefix is written by ONE ``ops.prefix_kv_write`` call per forward, each layer's update is one
 ``ops.kv_append``, nothing is reallocated when the planned length holds (training forward, ``generate``), and the
 cache protocol (crop, beam reorder, batch select/repeat, reset, growth past the plan, a second forward with
-gradients on the same cache, dtype promotion) matches ``DynamicCache``. Runs on transformers 5.23 and 5.24.
+gradients on the same cache, dtype promotion) matches ``DynamicCache``. Runs on transformers 5.17, 5.23 and 5.24.
 """
 
 from __future__ import annotations
@@ -272,7 +272,12 @@ def test_cache_protocol_matches_dynamic_cache():
         fused.crop(1)
     for cache in (fused, dynamic):
         cache.reset()
-    assert fused.get_seq_length() == dynamic.get_seq_length() == 0
+    assert fused.get_seq_length() == 0
+    if dynamic.layers[0].keys is not None:
+        # transformers < 5.18 zeroes a DynamicLayer's tensors on reset and keeps their length (5.18+ drops them, as
+        # the fused cache does on every version): compare from an emptied DynamicCache there.
+        dynamic = tf.DynamicCache()
+    assert dynamic.get_seq_length() == 0
     both(ids, 4)  # an empty cache is sized by its first update
 
 
