@@ -216,14 +216,14 @@ class LoraLayer(BaseTunerLayer):
         return bool(base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"))
 
     def unmerge(self) -> None:
-        """W -= ΔW_a (and b -= s·b_B with lora_bias) in reverse merge order; Embedding and int8 layers override."""
+        """W -= ΔW_a (and b -= s·b_B with lora_bias) in reverse merge order; the int8 layer overrides it."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base_layer = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            if adapter in self.lora_A:
+            if adapter in self.scaling:  # every layer type's adapters (Embedding's live in lora_embedding_A/B)
                 base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
                 if self.lora_bias[adapter]:
                     base_layer.bias.data -= (self.lora_B[adapter].bias * self.scaling[adapter]).to(
@@ -421,16 +421,6 @@ class Embedding(nn.Module, LoraLayer):
             else:
                 base_layer.weight.data += delta
             self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        base_layer = self.get_base_layer()
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.lora_embedding_A:
-                base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
