@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import warnings
 
 import pytest
 import torch
@@ -20,6 +21,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "oracle" in item.keywords and not HAS_PEFT:
             item.add_marker(skip_oracle)
+
+
+@pytest.fixture
+def one_thread_quiet():
+    """One torch thread and warnings silenced for the test (tiny tensors: threads only add synchronisation on a
+    shared 2-core machine; the tiny random models warn about their configs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,6 @@ groups=groups); the oracle rows check that names, shapes, repr, outputs, gradien
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from _tolerances import EXACT, FP32_SAME_MATH, HALF_SAME_MATH, MERGE, assert_close
@@ -31,14 +29,8 @@ GEOMETRIES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_quiet():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation on a shared 2-core machine
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+# One torch thread and no warnings for every test of this file (the fixture lives in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_quiet")
 
 
 class Net(nn.Module):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 
 import pytest
 import torch
@@ -36,14 +35,8 @@ HEADS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_quiet():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation on a shared 2-core machine
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+# One torch thread and no warnings for every test of this file (the fixture lives in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_quiet")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -36,15 +35,8 @@ from safetensors.torch import load_file
 import peft_kernels as pk
 from peft_kernels.layers import BaseTunerLayer, Conv2d, LoraLayer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_quiet():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation on a shared 2-core machine
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+# One torch thread and no warnings for every test of this file (the fixture lives in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_quiet")
 
 
 # ------------------------------------------------------------------------------------------- tiny families

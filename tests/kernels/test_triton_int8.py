@@ -24,18 +24,15 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
-import pathlib
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from _inputs import LoraCase, make_lora_inputs, upcast
+from _interpret import run_interpreter_suite
 from _tolerances import INT8_MIN_SQNR_DB, assert_close_to_ref, sqnr_db, truth_dtype
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,16 +144,7 @@ if not INTERPRETING:
     def test_interpreter_suite():
         """Runs this file's interpreter checks in a child pytest with TRITON_INTERPRET=1 set before import."""
         pytest.importorskip("triton")
-        env = {**os.environ, "TRITON_INTERPRET": "1", "PEFT_KERNELS_CPU_DROPOUT": "philox"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", str(pathlib.Path(__file__)), "-q", "-p", "no:cacheprovider"],
-            cwd=_REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
+        run_interpreter_suite(__file__, timeout=900, PEFT_KERNELS_CPU_DROPOUT="philox")
 
     def test_cpu_tensors_need_the_interpreter():
         """Without TRITON_INTERPRET the Triton int8 ops decline CPU tensors with a reason naming the device."""

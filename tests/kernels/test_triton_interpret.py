@@ -15,17 +15,14 @@ independent of tiling, int64 offsets past 2**32, keep rate within 4σ, bitwise r
 from __future__ import annotations
 
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+from _interpret import run_interpreter_suite
 
 pytestmark = pytest.mark.interpret
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 if not INTERPRETING:
@@ -34,16 +31,7 @@ if not INTERPRETING:
         """Runs this file's checks in a child pytest with TRITON_INTERPRET=1 set before triton is imported."""
         pytest.importorskip("triton")
         # The reference draws CPU dropout masks from torch's generator unless told to use the Philox spec.
-        env = {**os.environ, "TRITON_INTERPRET": "1", "PEFT_KERNELS_CPU_DROPOUT": "philox"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", str(pathlib.Path(__file__)), "-q", "-p", "no:cacheprovider"],
-            cwd=_REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
+        run_interpreter_suite(__file__, timeout=900, PEFT_KERNELS_CPU_DROPOUT="philox")
 
     def test_cpu_tensors_need_the_interpreter():
         """Without TRITON_INTERPRET the Triton backend declines CPU tensors with a reason naming the device."""

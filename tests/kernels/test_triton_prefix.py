@@ -18,16 +18,13 @@ and within the 2x rule of the fp64 sum.
 from __future__ import annotations
 
 import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from _interpret import run_interpreter_suite
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_REPO = pathlib.Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (L, B, Hkv, P, hd): one tile; hd 59; P = 40 at hd 128 (3 row tiles of 16); hd 300 (2 head-dim tiles of 256).
 FILL_SHAPES = {
@@ -159,16 +156,7 @@ if not INTERPRETING:
     @pytest.mark.interpret
     def test_interpreter_suite():
         """Runs this file's checks in a child pytest with TRITON_INTERPRET=1 set before triton is imported."""
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", str(pathlib.Path(__file__)), "-q", "-p", "no:cacheprovider"],
-            cwd=_REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
+        run_interpreter_suite(__file__, timeout=600)
 
     def test_cpu_tensors_need_the_interpreter():
         prefix = torch.randn(1, 2, 1, 2, 8)
