@@ -150,34 +150,21 @@ def decode_fn(model, input_ids, mask, new_tokens: int):
     return run
 
 
+def in_mode(provider: str, fn):
+    """fn run under ``provider``'s cache mode (the measurements and timings of ``peft_kernels.bench.measure``
+    call it like any other function)."""
+
+    def run():
+        with cache_mode(provider):
+            return fn()
+
+    return run
+
+
 # ------------------------------------------------------------------------------------------------ CPU method
-# Bytes allocated / peak (the profiler's allocator timeline) and quantiles: shared with peft-kernels bench.
-allocated_bytes = measure.cpu_allocations
-quantiles = measure.quantiles
-
-
-def timed_interleaved(fns: dict, reps: int, warmup: int, timer) -> dict:
-    """{name: [seconds]}: every repetition runs each fn once, in a rotating order."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            with cache_mode(name):
-                fns[name]()
-    times = {name: [] for name in names}
-    for rep in range(reps):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in order:
-            with cache_mode(name):
-                times[name].append(timer(fns[name]))
-    return times
-
-
-def cpu_timer(fn) -> float:
-    return measure.time_once(fn, torch.device("cpu"))
-
-
 def run_cpu(args) -> list[dict]:
     torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
     rows = []
     n1, n2 = args.decode_tokens
     print(
@@ -193,16 +180,13 @@ def run_cpu(args) -> list[dict]:
         mask = torch.ones(batch, length, dtype=torch.long)
 
         # ---- train step
-        fns = {p: train_fn(models[p], input_ids, mask) for p in PROVIDERS}
-        stats = {}
-        for provider in PROVIDERS:
-            with cache_mode(provider):
-                stats[provider] = allocated_bytes(fns[provider])
-        times = timed_interleaved(fns, args.reps, args.warmup, cpu_timer)
+        fns = {p: in_mode(p, train_fn(models[p], input_ids, mask)) for p in PROVIDERS}
+        stats = {provider: measure.cpu_allocations(fns[provider]) for provider in PROVIDERS}
+        times = measure.interleaved_times(fns, cpu, args.reps, args.warmup)
         for provider in PROVIDERS:
             total, peak, loss = stats[provider]
             same = bool(torch.allclose(loss, stats["peft"][2], rtol=1e-5, atol=1e-6))
-            p50, p20, p80 = (1e3 * v for v in quantiles(times[provider]))
+            p50, p20, p80 = (1e3 * v for v in measure.quantiles(times[provider]))
             print(
                 f"{batch:>2} {length:>4} {prefix:>3} {'train':<7} {provider:<11} {total / 1e6:>9.2f} {peak / 1e6:>8.2f}"
                 f" {p50:>8.2f} [{p20:.2f},{p80:.2f}] {str(same):>5}"
@@ -215,12 +199,9 @@ def run_cpu(args) -> list[dict]:
         # ---- decode: per generated token from two lengths
         per_len = {}
         for n in (n1, n2):
-            fns = {p: decode_fn(models[p], input_ids, mask, n) for p in PROVIDERS}
-            mem = {}
-            for provider in PROVIDERS:
-                with cache_mode(provider):
-                    mem[provider] = allocated_bytes(fns[provider])
-            times = timed_interleaved(fns, args.reps, args.warmup, cpu_timer)
+            fns = {p: in_mode(p, decode_fn(models[p], input_ids, mask, n)) for p in PROVIDERS}
+            mem = {provider: measure.cpu_allocations(fns[provider]) for provider in PROVIDERS}
+            times = measure.interleaved_times(fns, cpu, args.reps, args.warmup)
             per_len[n] = (mem, times)
         for provider in PROVIDERS:
             (m1, t1), (m2, t2) = per_len[n1], per_len[n2]
@@ -253,14 +234,6 @@ def gpu_plan(args) -> str:
     )
 
 
-def cuda_timer(fn) -> float:
-    return measure.time_once(fn, torch.device("cuda"))
-
-
-def cuda_peak(fn) -> int:
-    return measure.allocations(fn, torch.device("cuda"))[1]
-
-
 def prefix_backend() -> str:
     """The backend the CUDA dispatch picks for kv_append on bf16 tensors (priority list of ops/_dispatch.py)."""
     from peft_kernels.ops import _dispatch
@@ -285,12 +258,12 @@ def run_gpu(args) -> list[dict]:
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; prefix ops on: {prefix_backend()}")
 
-    fns = {p: train_fn(models[p], input_ids, mask) for p in PROVIDERS}
-    times = timed_interleaved(fns, args.reps, args.warmup, cuda_timer)
+    cuda = torch.device("cuda")
+    fns = {p: in_mode(p, train_fn(models[p], input_ids, mask)) for p in PROVIDERS}
+    times = measure.interleaved_times(fns, cuda, args.reps, args.warmup)
     for provider in PROVIDERS:
-        with cache_mode(provider):
-            peak = cuda_peak(fns[provider])
-        p50, p20, p80 = (1e3 * v for v in quantiles(times[provider]))
+        peak = measure.allocations(fns[provider], cuda)[1]
+        p50, p20, p80 = (1e3 * v for v in measure.quantiles(times[provider]))
         print(f"train  {provider:<11} {p50:9.2f} ms [{p20:.2f},{p80:.2f}]  peak {peak / 2**30:.2f} GiB")
         base = dict(provider=provider, mode="train", B=batch, T=length, P=prefix, same_as_peft="")
         rows.append({**base, "metric": "time", "unit": "ms", "p50": p50, "p20": p20, "p80": p80})
@@ -299,14 +272,13 @@ def run_gpu(args) -> list[dict]:
     decode_reps = max(1, args.reps // 3)
     per_len = {}
     for n in (n1, n2):
-        fns = {p: decode_fn(models[p], input_ids, mask, n) for p in PROVIDERS}
-        per_len[n] = (fns, timed_interleaved(fns, decode_reps, 1, cuda_timer))
+        fns = {p: in_mode(p, decode_fn(models[p], input_ids, mask, n)) for p in PROVIDERS}
+        per_len[n] = (fns, measure.interleaved_times(fns, cuda, decode_reps, 1))
     for provider in PROVIDERS:
         t1, t2 = per_len[n1][1][provider], per_len[n2][1][provider]
         ms = 1e3 * (statistics.median(t2) - statistics.median(t1)) / (n2 - n1)
         total = 1e3 * statistics.median(t2)
-        with cache_mode(provider):
-            peak = cuda_peak(per_len[n2][0][provider])
+        peak = measure.allocations(per_len[n2][0][provider], cuda)[1]
         print(f"decode {provider:<11} {ms:9.3f} ms/token, {n2} tokens {total:.1f} ms, peak {peak / 2**30:.2f} GiB")
         base = dict(provider=provider, mode="decode", B=batch, T=length, P=prefix, same_as_peft="")
         rows.append({**base, "metric": "time_per_token", "unit": "ms", "p50": ms, "p20": "", "p80": ""})

@@ -6,6 +6,7 @@ plot next to them (``<device>.png``). Every option of ``peft-kernels bench`` pas
     python benchmarks/run.py --ops prefix_kv --out /tmp/rows.csv --plot /tmp/rows.png
 """
 
+import argparse
 import os
 import sys
 
@@ -17,8 +18,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    cuda = "--device" not in argv and torch.cuda.is_available() or "cuda" in argv
-    slug = measure.device_slug(torch.device("cuda" if cuda else "cpu"))
+    # The device peft-kernels bench will run on: --device if given, else CUDA when available (its default).
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    slug = measure.device_slug(torch.device(pre.parse_known_args(argv)[0].device))
     if "--out" not in argv:
         argv += ["--out", os.path.join(RESULTS, f"{slug}.csv")]
     if "--plot" not in argv:
