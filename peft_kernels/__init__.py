@@ -14,17 +14,18 @@ from .auto import (
     AutoPeftModelForTokenClassification,
 )
 from .config import PeftConfig, PeftConfigMixin, PromptLearningConfig
+from .integration.trainer import ensure_trainer_support
 from .layers.int8 import Int8Linear, quantize_int8
 from .mapping import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PEFT_TYPE_TO_CONFIG_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
-    get_peft_model,
     inject_adapter_in_model,
 )
-from .peft_model import (
-    PeftModel,
+from .mapping_func import get_peft_model
+from .peft_model import PeftModel, get_layer_status, get_model_status
+from .task_models import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,
@@ -46,7 +47,6 @@ from .tuners import (
     PromptTuningConfig,
     PromptTuningInit,
 )
-from .tuners.status import get_layer_status, get_model_status
 from .tuners.tuners_utils import NoMatchingPeftModuleError, PeftError, PeftWarning
 from .utils import (
     TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING,
@@ -62,6 +62,10 @@ from .utils import (
 )
 from .utils.other import fsdp_auto_wrap_policy
 from .version import __version__
+
+# transformers' Trainer recognises PEFT models by class: register ours (adapter-only checkpoints). Patches now if
+# transformers.trainer is imported, else right after it is (integration/trainer.py); never imports it.
+ensure_trainer_support()
 
 
 # Hugging Face peft interop (integration/hf_peft.py). Imported on call: `import peft_kernels` never imports peft.

@@ -6,8 +6,9 @@ import importlib
 from typing import Optional
 
 from .config import PeftConfig
-from .peft_model import (
-    PeftModel,
+from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING  # noqa: F401  (PEFT's path: peft.auto)
+from .peft_model import PeftModel
+from .task_models import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,

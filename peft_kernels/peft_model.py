@@ -1,35 +1,35 @@
-"""PeftModel and its task classes: adapters, forward, save/load and parameter counting (PEFT 0.21.2 API).
+"""PeftModel: adapters, forward, parameter counting and status (PEFT 0.21.2 API).
 
 LoRA models wrap the base model in ``LoraModel`` (``self.base_model.model`` is the HF model, keys start with
 ``base_model.model.``). Prompt-learning models keep the HF model as ``self.base_model`` and add
-``prompt_encoder``; their forward/generate live in ``tuners/prompt_learning.py``.
+``prompt_encoder``; their forward is ``tuners/prompt_learning.py``, their generate ``tuners/prompt_learning_generation.py``. Saving and loading adapters
+is ``checkpoint.py`` (a base class of PeftModel); the task classes (PeftModelForCausalLM, …) are ``task_models.py``,
+importable from here as in PEFT. ``get_layer_status``/``get_model_status`` are here, as in PEFT.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
 
+from .checkpoint import AdapterCheckpointMixin
 from .config import PeftConfig
 from .layers._base import BaseTunerLayer
-from .tuners import prompt_learning
-from .tuners.lora import LoraModel
-from .tuners.tuners_utils import set_trainable_modules
-from .utils.constants import QA_HEAD_NAMES, SAFETENSORS_WEIGHTS_NAME, SEQ_CLS_HEAD_NAMES, WEIGHTS_NAME
+from .mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from .tuners import prompt_learning, prompt_learning_generation
 from .utils.other import ModulesToSaveWrapper
-from .utils.peft_types import PeftType
-from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-
-PEFT_TYPE_TO_TUNER_MAPPING = {PeftType.LORA: LoraModel}
+from .utils.peft_types import TaskType
 
 
-class PeftModel(nn.Module):
+class PeftModel(AdapterCheckpointMixin, nn.Module):
     """Base model + adapters. ``forward`` runs the base model with the active adapter applied."""
+
+    _task_type: Optional[TaskType] = None  # the task classes' own TaskType; prompt learning reads it
 
     def __init__(
         self,
@@ -59,10 +59,6 @@ class PeftModel(nn.Module):
             self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self.base_model_torch_dtype = getattr(model, "dtype", None)
-        # transformers' Trainer recognises PEFT models by class: register ours (adapter-only checkpoints).
-        from .integration.trainer import ensure_trainer_support
-
-        ensure_trainer_support()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -279,7 +275,7 @@ class PeftModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         if self._is_prompt_learning:
-            return prompt_learning.generate(self, *args, **kwargs)
+            return prompt_learning_generation.generate(self, *args, **kwargs)
         with self._enable_peft_forward_hooks(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.get_base_model().generate(*args, **kwargs)
@@ -308,380 +304,155 @@ class PeftModel(nn.Module):
                 self.base_model.enable_adapter_layers()
                 self._adapters_disabled_flag = False
 
-    # ------------------------------------------------------------------ save / load
-    def _get_base_model_class(self, is_prompt_tuning: bool = False):
-        return self.base_model.__class__ if is_prompt_tuning else self.base_model.model.__class__
-
-    def save_pretrained(
-        self,
-        save_directory: str,
-        safe_serialization: bool = True,
-        selected_adapters: Optional[list[str]] = None,
-        save_embedding_layers: Union[str, bool] = "auto",
-        is_main_process: bool = True,
-        path_initial_model_for_weight_conversion: Optional[str] = None,
-        **kwargs: Any,
-    ) -> None:
-        """Writes, per adapter, adapter_model.safetensors (or .bin) + adapter_config.json (+ README.md)."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-        if selected_adapters is None:
-            selected_adapters = list(self.peft_config.keys())
-        elif any(name not in self.peft_config for name in selected_adapters):
-            raise ValueError(
-                "You passed an invalid `selected_adapters` arguments, current supported adapter names are "
-                f"{list(self.peft_config.keys())} - got {selected_adapters}."
-            )
-        if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError("path_initial_model_for_weight_conversion (PiSSA/OLoRA) is not supported.")
-        if is_main_process:
-            os.makedirs(save_directory, exist_ok=True)
-            self.create_or_update_model_card(save_directory)
-        for adapter_name in selected_adapters:
-            peft_config = self.peft_config[adapter_name]
-            state_dict = get_peft_model_state_dict(
-                self,
-                state_dict=kwargs.get("state_dict"),
-                adapter_name=adapter_name,
-                save_embedding_layers=save_embedding_layers,
-            )
-            output_dir = os.path.join(save_directory, adapter_name) if adapter_name != "default" else save_directory
-            if is_main_process:
-                os.makedirs(output_dir, exist_ok=True)
-                _save_weights(state_dict, output_dir, safe_serialization)
-            if peft_config.base_model_name_or_path is None:
-                owner = self.base_model if peft_config.is_prompt_learning else self.base_model.model
-                peft_config.base_model_name_or_path = owner.__dict__.get("name_or_path", None) or None
-            inference_mode = peft_config.inference_mode
-            peft_config.inference_mode = True
-            auto_mapping_dict = None
-            if peft_config.task_type is None:
-                base_cls = self._get_base_model_class(is_prompt_tuning=peft_config.is_prompt_learning)
-                auto_mapping_dict = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
-            try:
-                if is_main_process:
-                    peft_config.save_pretrained(output_dir, auto_mapping_dict=auto_mapping_dict)
-            finally:
-                peft_config.inference_mode = inference_mode
-
-    def create_or_update_model_card(self, output_dir: str) -> None:
-        """README.md front matter with ``library_name: peft``, the base model and the method tag."""
-        path = os.path.join(output_dir, "README.md")
-        model_config = getattr(self.get_base_model(), "config", None)
-        base_model = getattr(model_config, "_name_or_path", None) if model_config is not None else None
-        tags = {f"{t.value.lower() if hasattr(t, 'value') else str(t).lower()}" for t in [self.peft_type]}
-        tags.add("transformers") if model_config is not None else None
-        if base_model:
-            tags.add(f"base_model:adapter:{base_model}")
-        front = ["---"]
-        if base_model:
-            front.append(f"base_model: {base_model}")
-        front.append("library_name: peft")
-        if isinstance(self, PeftModelForCausalLM):
-            front.append("pipeline_tag: text-generation")
-        front.append("tags:")
-        front += [f"- {tag}" for tag in sorted(tags)]
-        front.append("---")
-        body = ""
-        if os.path.exists(path):
-            with open(path) as f:
-                text = f.read()
-            if text.startswith("---"):
-                end = text.find("\n---", 3)
-                body = text[end + 4 :] if end >= 0 else ""
-            else:
-                body = text
-        from .version import __version__
-
-        framework_line = f"- PEFT {__version__} (peft_kernels)"
-        if framework_line not in body:
-            body = body.rstrip("\n") + f"\n\n### Framework versions\n\n{framework_line}\n"
-        with open(path, "w") as f:
-            f.write("\n".join(front) + "\n" + body)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: Union[str, os.PathLike],
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        config: Optional[PeftConfig] = None,
-        autocast_adapter_dtype: bool = True,
-        ephemeral_gpu_offload: bool = False,
-        low_cpu_mem_usage: bool = False,
-        key_mapping: Optional[dict] = None,
-        **kwargs: Any,
-    ) -> PeftModel:
-        """Loads an adapter saved by peft_kernels or by Hugging Face PEFT onto ``model``."""
-        from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PEFT_TYPE_TO_CONFIG_MAPPING
-
-        model_id = str(model_id)
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
-            if config.peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-                raise NotImplementedError(f"peft_type {config.peft_type!r} is not implemented by peft_kernels.")
-        elif not isinstance(config, PeftConfig):
-            raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
-        if hasattr(config, "runtime_config"):
-            config.runtime_config.ephemeral_gpu_offload = ephemeral_gpu_offload
-        if config.is_prompt_learning and is_trainable:
-            raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
-        config.inference_mode = not is_trainable
-        if config.task_type not in MODEL_TYPE_TO_PEFT_MODEL_MAPPING.keys():
-            peft_model = cls(
-                model,
-                config,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-            )
-        else:
-            peft_model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type](
-                model,
-                config,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-            )
-        load_result = peft_model.load_adapter(
-            model_id,
-            adapter_name,
-            is_trainable=is_trainable,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            key_mapping=key_mapping,
-            **kwargs,
-        )
-        missing = [k for k in load_result.missing_keys if "vblora_vector_bank" not in k]
-        if missing:
-            warnings.warn(f"Found missing adapter keys while loading the checkpoint: {missing}.")
-        return peft_model
-
-    def load_adapter(
-        self,
-        model_id: Union[str, os.PathLike],
-        adapter_name: str,
-        is_trainable: bool = False,
-        torch_device: Optional[str] = None,
-        autocast_adapter_dtype: bool = True,
-        ephemeral_gpu_offload: bool = False,
-        low_cpu_mem_usage: bool = False,
-        key_mapping: Optional[dict] = None,
-        **kwargs: Any,
-    ):
-        """Loads weights (and, for a new name, the config) of an adapter; does not activate it."""
-        from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-        model_id = str(model_id)
-        hub_kwargs = {k: v for k, v in kwargs.items() if k in ("subfolder", "revision", "cache_dir", "token")}
-        if torch_device is None:
-            from .utils.save_and_load import infer_device
-
-            torch_device = infer_device()
-        if adapter_name not in self.peft_config:
-            peft_config = PeftConfig.from_pretrained(model_id, subfolder=hub_kwargs.get("subfolder"))
-            if peft_config.peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-                raise NotImplementedError(f"peft_type {peft_config.peft_type!r} is not implemented by peft_kernels.")
-            if peft_config.is_prompt_learning and is_trainable:
-                raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
-            peft_config.inference_mode = not is_trainable
-            self.add_adapter(
-                adapter_name,
-                peft_config,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-            )
-        adapters_weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
-        load_result = set_peft_model_state_dict(
-            self,
-            adapters_weights,
-            adapter_name=adapter_name,
-            ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
-            low_cpu_mem_usage=low_cpu_mem_usage,
-        )
-        tuner_prefix = "lora_" if not self._is_prompt_learning else ""
-        adapter_missing = [k for k in load_result.missing_keys if tuner_prefix in k and adapter_name in k]
-        if self._is_prompt_learning:
-            adapter_missing = []
-        load_result.missing_keys.clear()
-        load_result.missing_keys.extend(adapter_missing)
-        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        if not is_trainable:
-            self.eval()
-        return load_result
-
     # ------------------------------------------------------------------ status
     def get_layer_status(self):
-        from .tuners.status import get_layer_status
-
         return get_layer_status(self)
 
     def get_model_status(self):
-        from .tuners.status import get_model_status
-
         return get_model_status(self)
 
 
-def _save_weights(state_dict: dict, output_dir: str, safe_serialization: bool) -> None:
-    if safe_serialization:
-        from safetensors.torch import save_file
-
-        # safetensors refuses shared and non-contiguous storage: clone those (PEFT does the same).
-        seen = {}
-        tensors = {}
-        for key, tensor in state_dict.items():
-            tensor = tensor.detach()
-            ptr = (tensor.untyped_storage().data_ptr(), tensor.device)
-            if ptr in seen or not tensor.is_contiguous():
-                tensor = tensor.clone().contiguous()
-            seen[ptr] = key
-            tensors[key] = tensor
-        save_file(tensors, os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-    else:
-        torch.save(state_dict, os.path.join(output_dir, WEIGHTS_NAME))
+# ---------------------------------------------------------------------------- status
+@dataclass
+class TunerLayerStatus:
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
 
 
-# ---------------------------------------------------------------------------- task classes
-class PeftModelForCausalLM(PeftModel):
-    def __init__(self, model, peft_config, adapter_name="default", **kwargs):
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-        self.base_model_prepare_inputs_for_generation = getattr(self.base_model, "prepare_inputs_for_generation", None)
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        labels=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        task_ids=None,
-        **kwargs,
-    ):
-        return self._named_forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            task_ids=task_ids,
-            **kwargs,
-        )
+@dataclass
+class TunerModelStatus:
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: Union[bool, Literal["irregular"]]
+    active_adapters: Union[list[str], Literal["irregular"]]
+    merged_adapters: Union[list[str], Literal["irregular"]]
+    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]] = field(default_factory=dict)
 
 
-class PeftModelForSeq2SeqLM(PeftModel):
-    def __init__(self, model, peft_config, adapter_name="default", **kwargs):
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-        self.base_model_prepare_inputs_for_generation = getattr(self.base_model, "prepare_inputs_for_generation", None)
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        decoder_input_ids=None,
-        decoder_attention_mask=None,
-        decoder_inputs_embeds=None,
-        labels=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        task_ids=None,
-        **kwargs,
-    ):
-        return self._named_forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            task_ids=task_ids,
-            **kwargs,
-        )
-
-    def generate(self, **kwargs):
-        # Keyword-only, as PEFT's: positional input_ids raise TypeError for seq2seq models.
-        return super().generate(**kwargs)
-
-
-def _extend_modules_to_save(peft_config, names) -> None:
-    if peft_config.modules_to_save is None:
-        peft_config.modules_to_save = list(names)
-    else:
-        peft_config.modules_to_save.extend(names)
-
-
-class _HeadTrainingModel(PeftModel):
-    """SEQ_CLS / TOKEN_CLS / QA: the task head trains in full (modules_to_save extended as PEFT does).
-
-    PEFT extends ``modules_to_save`` in ``__init__`` (SEQ_CLS before building the model, TOKEN_CLS/QA after)
-    and again in every ``add_adapter``; prompt-learning models call ``add_adapter`` from ``__init__``, so
-    their configs carry the head names twice. Reproduced on purpose: the JSON files must match.
-    """
-
-    head_names: list[str] = []
-    extend_before_init = True
-
-    def __init__(self, model, peft_config, adapter_name="default", **kwargs):
-        if self.extend_before_init:
-            _extend_modules_to_save(peft_config, self.head_names)
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-        if not self.extend_before_init:
-            _extend_modules_to_save(peft_config, self.head_names)
-            set_trainable_modules(
-                self.get_base_model(), adapter_name, peft_config.modules_to_save, peft_config.inference_mode
+def _base_of(model):
+    if isinstance(model, PeftModel):
+        if model._is_prompt_learning:
+            raise TypeError(
+                "get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption "
+                "prompt are not supported."
             )
-        self.cls_layer_name = next(
-            (name for name, _ in self.get_base_model().named_children() if name in self.head_names), None
+        return model.base_model.model
+    if isinstance(model, torch.nn.Module) and hasattr(model, "model") and hasattr(model, "peft_config"):
+        return model.model
+    return model
+
+
+def get_layer_status(model: Any) -> list[TunerLayerStatus]:
+    base = _base_of(model)
+    rows = []
+    for name, module in base.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        requires_grad: dict[str, Any] = {}
+        devices: dict[str, list[str]] = {}
+        for layer_name in module.adapter_layer_names:
+            container = getattr(module, layer_name)
+            for key, item in container.items():
+                params = [item] if isinstance(item, torch.nn.Parameter) else list(item.parameters())
+                flags = {p.requires_grad for p in params}
+                if flags:
+                    prev = requires_grad.get(key)
+                    value = flags.pop() if len(flags) == 1 else "irregular"
+                    requires_grad[key] = value if prev in (None, value) else "irregular"
+                devices.setdefault(key, [])
+                for p in params:
+                    if p.device.type not in devices[key]:
+                        devices[key].append(p.device.type)
+        rows.append(
+            TunerLayerStatus(
+                name=name,
+                module_type=repr(module).partition("(")[0],
+                enabled=not module.disable_adapters,
+                active_adapters=module.active_adapters,
+                merged_adapters=list(module.merged_adapters),
+                requires_grad=requires_grad,
+                available_adapters=sorted(module._get_available_adapters()),
+                devices=devices,
+            )
         )
-
-    def add_adapter(self, adapter_name, peft_config, low_cpu_mem_usage=False, autocast_adapter_dtype=True):
-        _extend_modules_to_save(peft_config, self.head_names)
-        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage, autocast_adapter_dtype)
-
-
-class PeftModelForSequenceClassification(_HeadTrainingModel):
-    head_names = SEQ_CLS_HEAD_NAMES
+    if not rows:
+        raise ValueError("No adapter layers found in the model.")
+    return rows
 
 
-class PeftModelForTokenClassification(_HeadTrainingModel):
-    head_names = SEQ_CLS_HEAD_NAMES
-    extend_before_init = False
+def _agg(values):
+    first = values[0]
+    return first if all(v == first for v in values) else "irregular"
 
 
-class PeftModelForQuestionAnswering(_HeadTrainingModel):
-    head_names = QA_HEAD_NAMES
-    extend_before_init = False
+def get_model_status(model: Any) -> TunerModelStatus:
+    base = _base_of(model)
+    layers = get_layer_status(model)
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+        peft_types = {
+            k: str(v.peft_type.value if hasattr(v.peft_type, "value") else v.peft_type)
+            for k, v in model.peft_config.items()
+        }
+        adapter_model_type = model.base_model.__class__.__name__
+    else:
+        trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in base.parameters())
+        peft_types = {k: "LORA" for k in getattr(base, "peft_config", {})}
+        adapter_model_type = "None"
+    requires_grad: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.requires_grad.items():
+            prev = requires_grad.get(key)
+            requires_grad[key] = value if prev in (None, value) else "irregular"
+    available = sorted({a for layer in layers for a in layer.available_adapters})
+    devices: dict[str, list[str]] = {}
+    for layer in layers:
+        for key, devs in layer.devices.items():
+            devices.setdefault(key, [])
+            devices[key] += [d for d in devs if d not in devices[key]]
+    return TunerModelStatus(
+        base_model_type=base.__class__.__name__,
+        adapter_model_type=adapter_model_type,
+        peft_types=peft_types,
+        trainable_params=trainable,
+        total_params=total,
+        num_adapter_layers=len(layers),
+        enabled=_agg([layer.enabled for layer in layers]),
+        active_adapters=_agg([layer.active_adapters for layer in layers]),
+        merged_adapters=_agg([layer.merged_adapters for layer in layers]),
+        requires_grad=requires_grad,
+        available_adapters=available,
+        devices=devices,
+    )
 
 
-class PeftModelForFeatureExtraction(PeftModel):
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        task_ids=None,
-        **kwargs,
-    ):
-        return self._named_forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            task_ids=task_ids,
-            **kwargs,
-        )
+_TASK_CLASSES = (
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+)
+
+
+def __getattr__(name: str):
+    # PEFT's path of the task classes; they live in task_models.py, which imports this module.
+    if name in _TASK_CLASSES:
+        from . import task_models
+
+        return getattr(task_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -342,7 +342,7 @@ def from_hf_peft(model: nn.Module) -> nn.Module:
     from peft.utils.other import ModulesToSaveWrapper as PeftModulesToSaveWrapper
 
     from ..config import PeftConfig
-    from ..mapping import get_peft_model
+    from ..mapping_func import get_peft_model
 
     if not isinstance(model, peft.PeftModel):
         raise TypeError(f"from_hf_peft expects a peft.PeftModel, got {type(model).__name__}")

@@ -9,9 +9,9 @@ SFTTrainer) checkpoints with ``save_pretrained`` (adapter_model.safetensors + ad
 with ``load_adapter``, and with FSDP sets ``fsdp_auto_wrap_policy`` — the same code paths PEFT models take.
 Every other model is unaffected.
 
-``PeftModel.__init__`` calls ``ensure_trainer_support()``: it patches now if ``transformers.trainer`` is
-already imported, else right after it is imported (a one-shot import hook), so importing peft_kernels never
-imports the Trainer stack. ``PEFT_KERNELS_TRAINER_SUPPORT=0`` turns the automatic call off.
+``import peft_kernels`` calls ``ensure_trainer_support()`` (``peft_kernels/__init__.py``): it patches now if
+``transformers.trainer`` is already imported, else right after it is imported (a one-shot import hook), so
+importing peft_kernels never imports the Trainer stack. ``PEFT_KERNELS_TRAINER_SUPPORT=0`` turns it off.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 ``prefix_kv_fill_bwd`` (backward); ``kv_append`` (public) → ``KvAppendFunction`` → ``torch.ops.peft_kernels.kv_append``.
 Shapes and semantics: ``backends/reference/prefix.py``.
 
-How a cache uses them (``layers/prefix.py`` ``PrefixKVBuffers``, ``tuners/prefix_cache.py``)::
+How a cache uses them (``layers/prefix.py`` ``PrefixKVBuffers``, ``tuners/prefix_cache_builder.py``)::
 
     k_bufs = [torch.empty(B, Hkv, P + T_max, hd) for each layer]; v_bufs likewise   # torch's allocator
     k_bufs, v_bufs = prefix_kv_write(prefix, k_bufs, v_bufs)          # once per forward, one launch

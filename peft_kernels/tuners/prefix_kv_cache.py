@@ -16,7 +16,7 @@ Differences a caller can observe: the returned keys/values are views of a larger
 ``DynamicCache`` would have handed out a fresh tensor). Views handed out while autograd records are protected:
 the next write goes to a copy (``layers/prefix.py``).
 
-This module imports transformers at import time; ``tuners/prefix_cache.py`` imports it lazily.
+This module imports transformers at import time; ``tuners/prefix_cache_builder.py`` imports it lazily.
 """
 
 from __future__ import annotations

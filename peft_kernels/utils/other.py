@@ -245,8 +245,11 @@ def fsdp_auto_wrap_policy(model: nn.Module):
     ``policy(module, False, 0)`` is True, then to the root.
     Returns ``policy(module, recurse, nonwrapped_numel) -> bool`` (PEFT's name and calling convention).
     """
+    # The encoder modules themselves, not the tuners package (which imports this module).
     from ..layers._base import BaseTunerLayer
-    from ..tuners import PrefixEncoder, PromptEmbedding, PromptEncoder
+    from ..tuners.p_tuning.model import PromptEncoder
+    from ..tuners.prefix_tuning.model import PrefixEncoder
+    from ..tuners.prompt_tuning.model import PromptEmbedding
 
     unit_classes = _fsdp_block_classes(model) + (BaseTunerLayer, PrefixEncoder, PromptEncoder, PromptEmbedding)
 

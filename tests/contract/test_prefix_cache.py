@@ -23,7 +23,7 @@ from _tolerances import EXACT, FP32_SAME_MATH, assert_close
 import peft_kernels as pk
 from peft_kernels import ops
 from peft_kernels.layers import prefix as layers_prefix
-from peft_kernels.tuners import prefix_cache
+from peft_kernels.tuners import prefix_cache_builder
 from peft_kernels.tuners.prefix_kv_cache import PrefixKVCache, PrefixKVLayer
 
 NVT = 3
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_quiet")
 @contextlib.contextmanager
 def cache_mode(mode: str):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(prefix_cache.PREFIX_CACHE_ENV, mode)
+        mp.setenv(prefix_cache_builder.PREFIX_CACHE_ENV, mode)
         yield
 
 
@@ -168,7 +168,7 @@ def test_paths_and_switch():
         intermediate_size=32, vocab_size=100, sliding_window=4,
     )  # fmt: skip
     prefix = torch.randn(2, 2, 1, NVT, 8)
-    assert not isinstance(prefix_cache.build_prefix_cache(prefix, 2, 1, gemma), PrefixKVCache)
+    assert not isinstance(prefix_cache_builder.build_prefix_cache(prefix, 2, 1, gemma), PrefixKVCache)
 
 
 # ---------------------------------------------------------------------------------------------- generation

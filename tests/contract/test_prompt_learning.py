@@ -23,7 +23,7 @@ from _tolerances import EXACT, FP32_SAME_MATH, assert_close
 from safetensors.torch import load_file
 
 import peft_kernels as pk
-from peft_kernels.tuners.prefix_cache import seq2seq_layer_slots
+from peft_kernels.tuners.prefix_cache_builder import seq2seq_layer_slots
 
 NVT = 3
 

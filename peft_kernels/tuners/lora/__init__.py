@@ -1,8 +1,12 @@
+from ...mapping import register_tuner
+from ...utils.peft_types import PeftType
 from .config import LoftQConfig, LoraConfig, LoraRuntimeConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
 __all__ = ["Conv2d", "Embedding", "Linear", "LoftQConfig", "LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig"]
+
+register_tuner(PeftType.LORA, LoraConfig, LoraModel)
 
 
 def __getattr__(name):
