@@ -4,7 +4,7 @@
     python benchmarks/bench_lora_int8.py --dry-run                              # prints the plan, no GPU needed
     python benchmarks/bench_lora_int8.py --quick --out /tmp/smoke.csv           # the GPU suite's subset
 
-Providers (KERNELS.md §12), all on the same int8 weight (bitsandbytes' CB/SCB when bitsandbytes imports, else
+Providers (docs/KERNELS.md §12), all on the same int8 weight (bitsandbytes' CB/SCB when bitsandbytes imports, else
 the same row-wise absmax quantizer in torch), bias, A and B:
     peft-bnb                real peft 0.21.2 ``lora.bnb.Linear8bitLt`` over ``bnb.nn.Linear8bitLt``
                             (has_fp16_weights=False, threshold ``--bnb-threshold``, default 6.0 as transformers'
@@ -24,7 +24,7 @@ Shapes: training M = 4096, K = N = 4096, r = 16 (p = 0; the full run adds p = 0.
 
 Timing: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` after one untimed call (autotune, compile);
 do_bench clears L2 before every call. Decode: ``do_bench_cudagraph`` (one CUDA graph of many calls, so launch
-overhead does not count, KERNELS.md §12) over R copies of the weights used in turn, R chosen so that the weights
+overhead does not count, docs/KERNELS.md §12) over R copies of the weights used in turn, R chosen so that the weights
 read between two uses of one copy exceed 3x the L2 size: a 4096x4096 int8 weight (16 MiB) would otherwise stay in
 H100/H200's 50 MiB L2 and the GB/s would be L2's, not HBM's. peft-bnb with threshold > 0 cannot be captured
 (LLM.int8's ``outliers.any()`` and ``argwhere`` synchronize with the host), so it is timed with do_bench, as is

@@ -5,7 +5,7 @@
 //
 // The shrink is split over K inside one CTA: 8 warps each take every 8th 8-element chunk of K, reduce over
 // lanes with shuffles and over warps through shared memory in a fixed order. No atomics and no workspace, so
-// it is deterministic (KERNELS.md §10.5) and needs a single launch; at decode A is r·K·2 bytes (128 KB at
+// it is deterministic (docs/KERNELS.md §10.5) and needs a single launch; at decode A is r·K·2 bytes (128 KB at
 // r=16, K=4096), so a handful of CTAs suffice. (Unmeasured: no GPU on the development box.)
 #include <cuda_runtime.h>
 

@@ -5,7 +5,7 @@
 // CB is int8 [N, K] (bitsandbytes' layout), scale fp32 [N] (SCB/127, backends/reference/lora_int8.py). Each lane
 // converts 16 int8 weights per 16-byte load to fp32 in registers (exact: |CB| <= 127) and the scale multiplies
 // the fp32 dot product once per output, before the LoRA term is added, so the LoRA term is never scaled. W is
-// read once at 1 byte per weight: half the bf16 GEMV's traffic, the whole point at decode (KERNELS.md §6, §8).
+// read once at 1 byte per weight: half the bf16 GEMV's traffic, the whole point at decode (docs/KERNELS.md §6, §8).
 #include <cuda_runtime.h>
 
 #include <cstdint>

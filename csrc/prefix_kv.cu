@@ -1,4 +1,4 @@
-// Prefix key/value buffers (KERNELS.md §7; spec: peft_kernels/backends/reference/prefix.py).
+// Prefix key/value buffers (docs/KERNELS.md §7; spec: peft_kernels/backends/reference/prefix.py).
 //
 //   prefix_kv_fill_kernel      K_l[b, h, p, :] = prefix[l, 0, h, p, :], V_l likewise        for every b, p < P
 //   kv_append_kernel           K[b, h, offset + t, :] = k[b, h, t, :], V likewise

@@ -1,4 +1,4 @@
-"""Named, deliberately awkward input grids and the builders of LoRA test inputs (KERNELS.md §11).
+"""Named, deliberately awkward input grids and the builders of LoRA test inputs (docs/KERNELS.md §11).
 
 GPU runs take the full lists; the Triton interpreter (numpy on CPU, slow) takes the tiny INTERPRET_* corner.
 Odd sizes hit every masked edge: K not a multiple of 16, M below one tile, r below the 16-wide dot minimum.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-# floor * max|truth| per kernel dtype (KERNELS.md §11): about 8-10 ulps of the format at unit scale.
+# floor * max|truth| per kernel dtype (docs/KERNELS.md §11): about 8-10 ulps of the format at unit scale.
 KERNEL_FLOOR = {
     torch.float64: 1e-12,
     torch.float32: 1e-6,
@@ -34,7 +34,7 @@ HALF_SAME_MATH = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 # Exact equality expected (same ops, same order): disabled adapters vs base, reload vs save.
 EXACT = (0.0, 0.0)
 # int8 weight-only output against unquantized fp32 weights: signal-to-quantization-noise floor in dB.
-# Measured ~41 dB at 4096x4096 and ~44 dB at 123x431 on Gaussian weights (KERNELS.md §6); 35 leaves margin.
+# Measured ~41 dB at 4096x4096 and ~44 dB at 123x431 on Gaussian weights (docs/KERNELS.md §6); 35 leaves margin.
 INT8_MIN_SQNR_DB = 35.0
 # int8 weight format (weight_scale = SCB·(1/127), W = CB·weight_scale, one fp32 multiply) vs bnb's dequant
 # (CB·SCB)·(1/127) (two multiplies): both are v·(1+δ1)(1+δ2) with |δ| ≤ 2^-24, so the a-priori bound is a few

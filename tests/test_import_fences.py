@@ -1,4 +1,4 @@
-"""Import never fails, and optional packages are imported only where ARCHITECTURE.md §3 allows."""
+"""Import never fails, and optional packages are imported only where docs/ARCHITECTURE.md §3 allows."""
 
 import ast
 import os

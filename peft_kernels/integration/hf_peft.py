@@ -1,6 +1,6 @@
 """Hugging Face ``peft`` interop: PEFT's LoRA layers on peft_kernels' fused op, and whole-model conversion.
 
-The only module of peft_kernels that imports ``peft`` (ARCHITECTURE.md §3), and only inside functions:
+The only module of peft_kernels that imports ``peft`` (docs/ARCHITECTURE.md §3), and only inside functions:
 importing this module never needs peft.
 
 ``patch_peft_model(model)``
@@ -167,7 +167,7 @@ def unpatch_peft_model(model: nn.Module) -> nn.Module:
     return model
 
 
-apply_kernels = patch_peft_model  # the name ARCHITECTURE.md §1 uses
+apply_kernels = patch_peft_model  # an older name of patch_peft_model
 
 
 # ---------------------------------------------------------------------------- whole-model conversion

@@ -21,7 +21,7 @@ Never silently wrong: when an append does not fit (more rows than S, a wider dty
 reallocated (``_REGROW`` more rows, contents copied by ``kv_append``, differentiably); when views handed out while
 recording autograd could still be saved for a backward, the next in-place write first moves to a fresh buffer
 (copy-on-write), which is what ``torch.cat`` gives ``DynamicCache`` for free. Rows past ``n`` are never read.
-No transformers import here (ARCHITECTURE.md §3).
+No transformers import here (docs/ARCHITECTURE.md §3).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from .tuners_utils import set_trainable_modules
 
 _CACHE_KWARGS = ("cache", "past_key_values")  # transformers ≥ 5.24 name first, then the older one
 
-# Positional parameter order of each task class's forward (PEFT_CONTRACT §5.3); keyword names are the contract.
+# Positional parameter order of each task class's forward (docs/PEFT_CONTRACT.md §5.3); keyword names are the contract.
 _FORWARD_PARAMS = {
     TaskType.CAUSAL_LM: (
         "input_ids", "attention_mask", "inputs_embeds", "labels", "output_attentions", "output_hidden_states",
@@ -63,7 +63,7 @@ _FORWARD_PARAMS = {
 
 # ---------------------------------------------------------------------------- config and setup
 def prepare_prompt_learning_config(peft_config, model_config):
-    """Fills the ``None`` dimension fields of ``peft_config`` from the model config (PEFT_CONTRACT §3.4).
+    """Fills the ``None`` dimension fields of ``peft_config`` from the model config (docs/PEFT_CONTRACT.md §3.4).
 
     num_layers ← num_hidden_layers | num_layers | n_layer;  token_dim ← hidden_size | n_embd | d_model;
     num_attention_heads ← num_attention_heads | n_head | num_heads | encoder_attention_heads.
@@ -373,7 +373,7 @@ def _base_forward(peft_model, kwargs: dict):
 
 
 def forward(peft_model, *args: Any, **kwargs: Any):
-    """Forward of the active prompt-learning adapter for the PeftModel's task (PEFT_CONTRACT §8.4)."""
+    """Forward of the active prompt-learning adapter for the PeftModel's task (docs/PEFT_CONTRACT.md §8.4)."""
     task = _task_of(peft_model)
     kwargs = _bind(task, args, kwargs)
     if peft_model._adapters_disabled:

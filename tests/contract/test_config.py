@@ -1,4 +1,4 @@
-"""PEFT_CONTRACT §2-3: enums, config fields and defaults, validation messages, JSON, forward compatibility."""
+"""docs/PEFT_CONTRACT.md §2-3: enums, config fields and defaults, validation messages, JSON, forward compatibility."""
 
 import dataclasses
 import json

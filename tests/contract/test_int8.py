@@ -1,4 +1,4 @@
-"""PEFT_CONTRACT §7 / issue #4: LoRA over int8 bases — bitsandbytes Linear8bitLt on CPU and our Int8Linear."""
+"""docs/PEFT_CONTRACT.md §7 / issue #4: LoRA over int8 bases — bitsandbytes Linear8bitLt on CPU and our Int8Linear."""
 
 import warnings
 

@@ -1,4 +1,4 @@
-"""PEFT_CONTRACT §4-6, §9, §12: LoRA behaviour on PEFT's MLP and tiny GPT-2, and errors that leave the model intact."""
+"""docs/PEFT_CONTRACT.md §4-6, §9, §12: LoRA behaviour on PEFT's MLP and tiny GPT-2, and errors that leave the model intact."""
 
 import math
 import os

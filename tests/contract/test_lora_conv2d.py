@@ -1,4 +1,4 @@
-"""PEFT_CONTRACT §6 for nn.Conv2d bases (issue #9): lora.Conv2d's parameters, forward, merge and dispatch.
+"""docs/PEFT_CONTRACT.md §6 for nn.Conv2d bases (issue #9): lora.Conv2d's parameters, forward, merge and dispatch.
 
 PEFT 0.21.2 builds lora_A = Conv2d(C_in, r, kernel, stride, padding) and lora_B = Conv2d(r, C_out, 1×1,
 groups=groups); the oracle rows check that names, shapes, repr, outputs, gradients and merges match. The

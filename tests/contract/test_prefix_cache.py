@@ -1,4 +1,4 @@
-"""The fused prefix K/V cache (``PrefixKVCache``) against transformers' ``DynamicCache`` path (KERNELS.md §7).
+"""The fused prefix K/V cache (``PrefixKVCache``) against transformers' ``DynamicCache`` path (docs/KERNELS.md §7).
 
 Every check runs the same model twice, ``PEFT_KERNELS_PREFIX_CACHE=dynamic`` (the reference path: the broadcast prefix
 in a ``DynamicCache`` that ``torch.cat``s each update, itself checked against peft 0.21.2 and the hand-fed base model

@@ -1,4 +1,4 @@
-"""PEFT_CONTRACT §8 (and §12 rows 13, 14, 21, 25-33): prefix tuning, P-tuning and prompt tuning.
+"""docs/PEFT_CONTRACT.md §8 (and §12 rows 13, 14, 21, 25-33): prefix tuning, P-tuning and prompt tuning.
 
 Oracle rows compare with real peft 0.21.2 on the same tiny models (same seed, encoder and head weights copied
 through ``load_state_dict``, which also checks that the model-side key sets are identical). Generation is
@@ -143,7 +143,7 @@ def for_peft(model):
     """``model`` with ``past_key_values`` restored on forwards that call it ``cache`` (transformers >= 5.24).
 
     peft 0.21.2 looks for the literal ``past_key_values`` in the forward signatures and raises for SEQ_CLS /
-    TOKEN_CLS / QA prefix tuning when only ``cache`` exists (PEFT_CONTRACT §10). Renaming the argument by hand
+    TOKEN_CLS / QA prefix tuning when only ``cache`` exists (docs/PEFT_CONTRACT.md §10). Renaming the argument by hand
     keeps PEFT's own computation as the oracle on every transformers version; on 5.23 this is a no-op.
     """
     from transformers import PreTrainedModel
@@ -515,7 +515,7 @@ def test_seq2seq_prefix_cache_slots():
     [("prefix", 640), ("prefix_proj", 2864), ("ptuning", 1504), ("ptuning_lstm", 15072)],
 )
 def test_encoder_parameter_counts(method, expected):
-    """GPT-2 tiny, L=2, D=32, P=5, encoder_hidden_size=16 (PEFT_CONTRACT §8.2)."""
+    """GPT-2 tiny, L=2, D=32, P=5, encoder_hidden_size=16 (docs/PEFT_CONTRACT.md §8.2)."""
     config = make_config(pk, method, "CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=16)
     model = pk.get_peft_model(make_model("gpt2")[0], config)
     assert sum(p.numel() for p in model.prompt_encoder.parameters()) == expected

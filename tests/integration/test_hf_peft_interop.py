@@ -160,7 +160,7 @@ def test_patch_bnb_int8(tmp_path, monkeypatch):
     monkeypatch.setattr(ops, "lora_linear_int8_multi", counting)
     got = logits_of(model(**inputs))
     assert len(int8_calls) == len(layers)
-    # W8A16 vs bnb's LLM.int8 (activations quantized too): PEFT_CONTRACT §7's softmax-space tolerance.
+    # W8A16 vs bnb's LLM.int8 (activations quantized too): docs/PEFT_CONTRACT.md §7's softmax-space tolerance.
     assert_close(got.softmax(-1), want.softmax(-1), INT8_MERGE_SOFTMAX, "patched int8 vs PEFT+bnb")
     got.sum().backward()
     assert all(m.lora_A["default"].weight.grad is not None for m in layers)

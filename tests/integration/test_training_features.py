@@ -86,7 +86,7 @@ def test_gradient_checkpointing_replays_the_dropout_mask(family, reentrant, fuse
 def test_bf16_autocast_matches_peft(family, fused_calls):
     peft = pytest.importorskip("peft")
     inputs = make_inputs(family)
-    # No LoRA dropout: PEFT's masks come from nn.Dropout, ours from a Philox seed (PEFT_CONTRACT §13).
+    # No LoRA dropout: PEFT's masks come from nn.Dropout, ours from a Philox seed (docs/PEFT_CONTRACT.md §13).
     model = lora_model(family, lora_dropout=0.0)
     reference_base, task = make_model(family)
     reference = peft.get_peft_model(

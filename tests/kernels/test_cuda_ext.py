@@ -1,6 +1,6 @@
 """The CUDA C++ extension peft_kernels._C: it imports without a GPU, describes its build, carries sm_80/sm_90
 cubins and PTX, fails with a Python exception (never a crash) when launched without a GPU, and — on a GPU — each
-CUDA op matches the reference over awkward shapes (KERNELS.md §11).
+CUDA op matches the reference over awkward shapes (docs/KERNELS.md §11).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """lora_linear_{fwd,bwd}: the reference against an independent hand formula (fp64 / fp32 truth), gradcheck in fp64
 with and without dropout, opcheck of both registered ops, ``None`` exactly where ``needs_input_grad`` is False;
 on CUDA every other backend against the reference (2x rule of tests/_tolerances.py) at realistic and awkward
-shapes, and ``torch.compile(fullgraph=True)`` of ``ops.lora_linear`` (KERNELS.md §11).
+shapes, and ``torch.compile(fullgraph=True)`` of ``ops.lora_linear`` (docs/KERNELS.md §11).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _seeds(p: float, device="cpu"):
 
 
 def _hand(inp, acc, seeds, dy=None):
-    """Independent formula in ``acc`` (no reference code): y, S and, given dY, dx, dA, dB (KERNELS.md §1)."""
+    """Independent formula in ``acc`` (no reference code): y, S and, given dY, dx, dA, dB (docs/KERNELS.md §1)."""
     x, w = inp["x"].to(acc), inp["weight"].to(acc)
     a, b, s, p = inp["lora_a"].to(acc), inp["lora_b"].to(acc), inp["scaling"], inp["p"]
     scaled_keep = torch.ones_like(x)

@@ -1,5 +1,5 @@
 """lora_linear_int8_{fwd,bwd}: reference against an independent fp32/fp64 truth on the dequantized weight, every
-other backend against the reference (2x rule), gradients, opcheck, bnb dequantization and SQNR (KERNELS.md §6, §11).
+other backend against the reference (2x rule), gradients, opcheck, bnb dequantization and SQNR (docs/KERNELS.md §6, §11).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _truth_forward(inp, acc):
 
 
 def _eager_forward(inp, dtype):
-    """KERNELS.md §11 eager baseline: F.linear on W_deq rounded to dtype, LoRA in dtype."""
+    """docs/KERNELS.md §11 eager baseline: F.linear on W_deq rounded to dtype, LoRA in dtype."""
     x = inp["x"].to(dtype)
     w = (inp["weight_int8"].float() * inp["weight_scale"][:, None]).to(dtype)
     bias = inp["bias"].to(dtype) if inp["bias"] is not None else None

@@ -1,5 +1,5 @@
 """prefix_kv_fill / kv_append / prefix_kv_fill_bwd: bitwise against the torch.cat construction PEFT + DynamicCache
-produce, the prefix gradient against the fp32 sum over the batch, opcheck (KERNELS.md §7, §11).
+produce, the prefix gradient against the fp32 sum over the batch, opcheck (docs/KERNELS.md §7, §11).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every Triton LoRA kernel for sm_80 and sm_90, on a machine without a GPU.
 
-What it catches that the interpreter runs silently (KERNELS.md §11): dot operand dtype mismatches, 16-bit dots with
+What it catches that the interpreter runs silently (docs/KERNELS.md §11): dot operand dtype mismatches, 16-bit dots with
 K < 16 (the unpadded-rank trap), fp32 dots without a valid input_precision, constexpr branches that only break when
 lowered, and configs whose shared memory exceeds the architecture's limit (``compiled.metadata.shared`` against
 ``_configs.SHARED_MEMORY_LIMIT``).
@@ -196,7 +196,7 @@ def test_declared_lists_are_well_formed():
                 assert set(c.kwargs) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}, c
                 assert c.kwargs["BLOCK_M"] >= 16 and c.kwargs["BLOCK_N"] >= 16 and c.kwargs["BLOCK_K"] >= 16, c
         for bucket in _configs.M_BUCKETS:
-            # An unknown GPU gets defaults, never an error (KERNELS.md §10.6).
+            # An unknown GPU gets defaults, never an error (docs/KERNELS.md §10.6).
             assert _configs.cuda_configs(op, (12, 0), 2, bucket)
             assert _configs.cuda_configs(op, None, 4, bucket)
             assert _configs.hip_configs(op, 2, bucket)

@@ -2,7 +2,7 @@
 
 - Interpreter (``TRITON_INTERPRET=1``, set before triton is imported): the normal run executes this file again in a
   child pytest with the variable set (``test_interpreter_suite``); ``TRITON_INTERPRET=1 pytest <this file>`` runs
-  those checks in-process. Against the reference (KERNELS.md §11, int8 row): y, S, dx, dA, dB within 2x the eager
+  those checks in-process. Against the reference (docs/KERNELS.md §11, int8 row): y, S, dx, dA, dB within 2x the eager
   error (eager = the reference in the kernel dtype, i.e. F.linear on W_deq rounded to that dtype; truth = the
   reference on W_deq in fp32, fp64 for fp32 activations), on M ∈ {1, 3, 17, 64}, K, N ∈ {16, 33, 96, 130},
   r ∈ {1, 8, 16, 17}, fp16 / bf16 (one fp32 case), 16-bit and fp32 adapters, p ∈ {0, 0.1}, bias and b_B on/off,

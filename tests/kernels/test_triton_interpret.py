@@ -4,7 +4,7 @@
 file again in a child ``pytest`` with the variable set (``test_interpreter_suite``); run directly as
 ``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_interpret.py`` the checks run in-process.
 
-Checked (KERNELS.md §11): forward y and S and the gradients of x, A, B (and b_B through ops.lora_linear) against the
+Checked (docs/KERNELS.md §11): forward y and S and the gradients of x, A, B (and b_B through ops.lora_linear) against the
 fp64 / fp32 reference with the 2x-eager rule of tests/_tolerances.py, over a sample of the grid M ∈ {1, 3, 17, 64},
 K, N ∈ {16, 33, 96, 130}, r ∈ {1, 8, 16, 17}, fp32 / fp16 / bf16 (and fp32 adapters on 16-bit activations),
 p ∈ {0, 0.1}, bias on/off, strided / transposed x, Conv1D-layout W, 3-D x; the split (atomic) and deterministic

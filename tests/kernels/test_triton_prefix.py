@@ -1,6 +1,6 @@
 """Triton prefix K/V kernels (``backends/triton/prefix.py``): interpreter, ahead-of-time compile, GPU parity.
 
-KERNELS.md §11 for the prefix ops: ``fill`` and ``append`` are copies, bitwise equal to the reference (and so to the
+docs/KERNELS.md §11 for the prefix ops: ``fill`` and ``append`` are copies, bitwise equal to the reference (and so to the
 ``torch.cat`` construction); ``dprefix`` is the sequential fp32 sum over the batch, bitwise equal to the reference
 and within the 2x rule of the fp64 sum.
 

@@ -1,6 +1,6 @@
 """Plumbing shared by the CUDA C++ wrappers: dtype codes, device checks, raw pointers, the launch itself.
 
-Every wrapper in this package follows the launcher duties of ARCHITECTURE.md §4: (1) collect every reason the
+Every wrapper in this package follows the launcher duties of docs/ARCHITECTURE.md §4: (1) collect every reason the
 call cannot run (device, dtype, shape, strides, alignment) and raise ``ValueError`` listing them before anything
 is launched, (2) allocate outputs with torch, (3) call the ``_C`` launcher with ``data_ptr()``s, sizes, strides,
 a dtype code and ``torch.cuda.current_stream().cuda_stream`` under ``torch.cuda.device``.

@@ -1,4 +1,4 @@
-"""Tile configurations of the Triton LoRA kernels, as data (ARCHITECTURE.md §5.8, KERNELS.md §4 and §10.6).
+"""Tile configurations of the Triton LoRA kernels, as data (docs/ARCHITECTURE.md §5.8, docs/KERNELS.md §4 and §10.6).
 
 Two kinds of kernel:
 
@@ -12,7 +12,7 @@ Two kinds of kernel:
   heuristic config per padded rank R; the launcher sizes their split counts from the SM count.
 
 Any GPU that is not sm_80 or sm_90 gets DEFAULT lists (about 48 KiB of pipelined operand tiles per CTA, within the
-99 KiB of sm_86/sm_89 and the 64 KiB of sm_75): an untuned GPU is slower, never an error (KERNELS.md §10.6).
+99 KiB of sm_86/sm_89 and the 64 KiB of sm_75): an untuned GPU is slower, never an error (docs/KERNELS.md §10.6).
 
 The lists are written for 16-bit operands; for fp32 operands ``for_element_size`` halves BLOCK_K (the reduction
 tile) so that a pipeline stage holds the same bytes. Every (op, capability, dtype, config) is compiled ahead of time
@@ -59,7 +59,7 @@ def _gemm(bm: int, bn: int, bk: int, group_m: int, warps: int, stages: int) -> t
     )
 
 
-# Shared by every capability: at M <= 16 the kernel is a weight read (KERNELS.md §8); one 16-row tile, many CTAs
+# Shared by every capability: at M <= 16 the kernel is a weight read (docs/KERNELS.md §8); one 16-row tile, many CTAs
 # along N (4096 / 32 = 128 CTAs ≈ one per SM on H100/H200/A100) and a long BLOCK_K to keep loads in flight.
 _DECODE = [
     _gemm(16, 32, 256, 1, 4, 3),  # 128 CTAs at N=4096: about one per SM, each streaming 32 rows of W
@@ -121,7 +121,7 @@ def cuda_configs(op: str, capability: tuple[int, int] | None, elem_bytes: int, b
 
 
 def hip_configs(op: str, elem_bytes: int, bucket: str) -> list[triton.Config]:
-    """AMD (KERNELS.md §10.10): the defaults, whose 4-8 warps and <= 2**14-element blocks fit a 64-lane wavefront."""
+    """AMD (docs/KERNELS.md §10.10): the defaults, whose 4-8 warps and <= 2**14-element blocks fit a 64-lane wavefront."""
     if op not in GEMM_OPS:
         raise ValueError(f"{op!r} is not autotuned; expected one of {GEMM_OPS}")
     return for_element_size(DEFAULT_GEMM_CONFIGS[bucket], elem_bytes)

@@ -9,16 +9,16 @@ W: (N, K), A: (r, K), B: (N, r), s = scaling, p = dropout probability, m = the k
     B2 _linear_lora_bwd_dx_kernel   dx = dY · W + m ⊙ (dS · A) / (1-p)         [M, K]  LoRA term masked on its own
     B3 _lora_bwd_da_kernel          dA = dSᵀ · (m ⊙ x) / (1-p)                 [r, K]
 
-Bytes beyond the base GEMMs (KERNELS.md §9): forward reads x once more (F1) and writes S (4Mr); backward reads dY
+Bytes beyond the base GEMMs (docs/KERNELS.md §9): forward reads x once more (F1) and writes S (4Mr); backward reads dY
 once more (B1) and x once more (B3). No M×N or M×K temporary exists; the mask is regenerated, never stored.
 
-Numerics (KERNELS.md §2): every dot accumulates in fp32. The base dots run on x's dtype. A LoRA dot whose operands
+Numerics (docs/KERNELS.md §2): every dot accumulates in fp32. The base dots run on x's dtype. A LoRA dot whose operands
 differ in dtype (fp32 S or dS against a 16-bit operand, or fp32 adapters against a 16-bit x / dY) splits the fp32
 operand into hi + lo parts in the 16-bit dtype and runs two 16-bit dots: the 16-bit operand is exact, so the product
 keeps ~16 bits more than a single rounding (better than TF32, at the cost of one TF32 dot). fp32 × fp32 dots state
 their precision: "tf32" when torch allows TF32 for fp32 matmuls, else "tf32x3"; "ieee" under the interpreter and on
 AMD. Under ``TRITON_INTERPRET=1`` 16-bit dots are upcast to fp32 (``UPCAST``): triton 3.9's interpreter computes
-bf16 ``tl.dot`` wrongly. FMA contraction is pinned on (``enable_fp_fusion=True``, KERNELS.md §10.9).
+bf16 ``tl.dot`` wrongly. FMA contraction is pinned on (``enable_fp_fusion=True``, docs/KERNELS.md §10.9).
 
 Reductions across programs (split-K of F1, dS/dB of B1, dA of B3) use fp32 ``tl.atomic_add`` into zeroed buffers,
 or, when ``torch.are_deterministic_algorithms_enabled()``, per-split workspaces summed by torch in a fixed order.
@@ -284,7 +284,7 @@ def _linear_lora_fwd_kernel(
         w_t = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
         if IS_INT8:
             # int8 -> x's dtype in registers: exact (integers <= 127 fit bf16's 8-bit significand); tl.dot needs
-            # equal operand dtypes, and an int8 x int8 dot would accumulate in int32 (KERNELS.md §10.8).
+            # equal operand dtypes, and an int8 x int8 dot would accumulate in int32 (docs/KERNELS.md §10.8).
             if UPCAST:
                 # triton 3.9's interpreter casts int8 -> bf16 by reinterpreting bits (-120 -> nan); via fp32 is exact.
                 w_t = w_t.to(tl.float32).to(x.dtype)

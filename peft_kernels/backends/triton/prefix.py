@@ -19,7 +19,7 @@ Layers in one launch: a list of per-layer tensors is addressed as ``base + l · 
 views of one allocation at equal distances with equal shapes and strides (``PrefixKVCache`` allocates its buffers
 so: one launch fills every layer). Otherwise (separate allocations, e.g. autograd's gradient tensors) the launcher
 issues one launch per layer, each covering K and V: a device-side pointer table would need a host-to-device copy
-per call, which rules out CUDA graphs (KERNELS.md §10.4).
+per call, which rules out CUDA graphs (docs/KERNELS.md §10.4).
 
 All offsets are int64 (a [B, Hkv, S, hd] buffer passes 2³¹ elements at, e.g., B=64, Hkv=8, S=32k, hd=128).
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests).
@@ -41,7 +41,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE_ELEMENTS = 2048
 _MAX_BLOCK_D = 256
 _MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z
-_FP_FUSION = True  # pinned (KERNELS.md §10.9); these kernels only copy and add, so it changes nothing
+_FP_FUSION = True  # pinned (docs/KERNELS.md §10.9); these kernels only copy and add, so it changes nothing
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
