@@ -1,7 +1,7 @@
 """The type → class tables (leaf registry), get_peft_config and inject_adapter_in_model.
 
 The modules that define the classes fill the tables when they are imported (``register_tuner`` in each
-``tuners/<method>/__init__.py``, the task classes at the end of ``peft_model.py``), so this module imports none
+``tuners/<method>/__init__.py``, the task classes at the end of ``task_models.py``), so this module imports none
 of them: everything above may import it. ``get_peft_model`` needs ``PeftModel`` and lives in ``mapping_func.py``,
 as in PEFT 0.21.2.
 """
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 PEFT_TYPE_TO_CONFIG_MAPPING: dict = {}
 # PeftType → tuner model (BaseTuner) class, for the methods that inject layers: LoRA.
 PEFT_TYPE_TO_TUNER_MAPPING: dict = {}
-# TaskType → PeftModel task class (filled by peft_model.py).
+# TaskType → PeftModel task class (filled by task_models.py).
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict = {}
 
 __all__ = [
