@@ -174,6 +174,61 @@ def test_the_api_half_imports_downward():
             assert not imports & upward, f"{_file(module)} imports {sorted(imports & upward)}"
 
 
+# Names issue #17 moved between modules, under the module paths PEFT 0.21.2 has them (and the old paths of ours
+# that code outside the API half still imports).
+MOVED_NAMES = [
+    ("peft_model", "PeftModel"),
+    ("peft_model", "PeftModelForCausalLM"),
+    ("peft_model", "PeftModelForSeq2SeqLM"),
+    ("peft_model", "PeftModelForSequenceClassification"),
+    ("peft_model", "PeftModelForTokenClassification"),
+    ("peft_model", "PeftModelForQuestionAnswering"),
+    ("peft_model", "PeftModelForFeatureExtraction"),
+    ("peft_model", "get_layer_status"),
+    ("peft_model", "get_model_status"),
+    ("peft_model", "TunerLayerStatus"),
+    ("peft_model", "TunerModelStatus"),
+    ("peft_model", "PEFT_TYPE_TO_TUNER_MAPPING"),
+    ("mapping_func", "get_peft_model"),
+    ("mapping", "PEFT_TYPE_TO_CONFIG_MAPPING"),
+    ("mapping", "PEFT_TYPE_TO_TUNER_MAPPING"),
+    ("mapping", "get_peft_config"),
+    ("mapping", "inject_adapter_in_model"),
+    ("auto", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING"),
+    ("", "get_layer_status"),
+    ("", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING"),
+]
+
+
+@pytest.mark.parametrize("module, name", MOVED_NAMES, ids=[f"{m or 'peft'}.{n}" for m, n in MOVED_NAMES])
+def test_moved_names_keep_their_peft_paths(module, name):
+    import importlib
+
+    ours = importlib.import_module("peft_kernels" + (f".{module}" if module else ""))
+    assert getattr(ours, name, None) is not None, f"peft_kernels.{module}.{name} no longer resolves"
+    if importlib.util.find_spec("peft") is not None:
+        theirs = importlib.import_module("peft" + (f".{module}" if module else ""))
+        assert hasattr(theirs, name), f"peft.{module}.{name} is not a PEFT path; the table above is wrong"
+
+
+def test_the_registries_are_filled_and_point_at_the_public_classes():
+    import peft_kernels as pk
+    from peft_kernels.peft_model import PeftModelForCausalLM
+
+    assert pk.MODEL_TYPE_TO_PEFT_MODEL_MAPPING[pk.TaskType.CAUSAL_LM] is pk.PeftModelForCausalLM
+    assert pk.PeftModelForCausalLM is PeftModelForCausalLM
+    assert set(pk.MODEL_TYPE_TO_PEFT_MODEL_MAPPING) == set(pk.TaskType)
+    assert set(pk.PEFT_TYPE_TO_CONFIG_MAPPING) == {
+        pk.PeftType.LORA,
+        pk.PeftType.PREFIX_TUNING,
+        pk.PeftType.P_TUNING,
+        pk.PeftType.PROMPT_TUNING,
+    }
+    assert pk.PEFT_TYPE_TO_TUNER_MAPPING == {pk.PeftType.LORA: pk.LoraModel}
+    for task, cls in pk.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items():
+        assert cls._task_type == task
+
+
 if __name__ == "__main__":
     target = next((arg for arg in sys.argv[1:] if not arg.startswith("--")), PACKAGE_DIR)
     for function_local in (False, True):
