@@ -77,7 +77,7 @@ PEAK_BANDWIDTH = (
     ("A100-PCIE-40GB", 1.555e12),
     ("A100", 2.039e12),
 )
-_INT8_OPS = ("lora_linear_int8_fwd", "lora_linear_int8_bwd")
+_INT8_OPS = ("lora_linear_fwd", "lora_linear_bwd")  # one op pair for every weight format
 _LORA_OPS = ("lora_linear_fwd", "lora_linear_bwd")
 
 
@@ -161,7 +161,7 @@ class Weights:
 
 
 def make_weights(s: Shape, dtype, device, threshold: float, seed: int) -> Weights:
-    from peft_kernels.backends.reference.lora_int8 import bnb_weight_scale
+    from peft_kernels.formats import bnb_weight_scale
 
     gen = torch.Generator().manual_seed(seed)
     weight = (torch.randn(s.N, s.K, generator=gen) / s.K**0.5).to(dtype)
@@ -241,7 +241,7 @@ def _pinned(provider: str):
 
     pins = {
         "triton": dict.fromkeys(_INT8_OPS, ("triton",)),
-        "cuda": {"lora_linear_int8_fwd": ("cuda",)},
+        "cuda": {"lora_linear_fwd": ("cuda",)},
         "bf16-lora-triton": dict.fromkeys(_LORA_OPS, ("triton",)),
     }.get(provider, {})
     saved = {op: _dispatch.PRIORITY[op] for op in pins}
