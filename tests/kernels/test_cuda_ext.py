@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fatbin import list_archs
 from _tolerances import assert_close_to_ref
 
 from peft_kernels.backends import cuda as cuda_backend
-from peft_kernels.backends.cuda import _fatbin, _launch
+from peft_kernels.backends.cuda import _launch
 from peft_kernels.backends.cuda import lora as cuda_lora
 from peft_kernels.backends.cuda import lora_int8 as cuda_lora_int8
 from peft_kernels.backends.cuda import prefix as cuda_prefix
@@ -85,7 +86,7 @@ def test_build_info_and_dtype_mirror():
 def test_cubins_and_ptx_present():
     """Every arch build_info names has a cubin in the .nv_fatbin section, the highest one also as PTX."""
     info = cuda_backend.extension().build_info()
-    found = _fatbin.list_archs(_so_path())
+    found = list_archs(_so_path())
     built = {int(a.rstrip("a")) for a in info["cuda_archs"].split(";")}
     assert built <= set(found["elf"]), found
     assert int(info["cuda_ptx"]) in found["ptx"], found
@@ -100,7 +101,7 @@ def test_fatbin_reader_agrees_with_cuobjdump():
         pytest.skip("cuobjdump not found (CUDA toolkit or the nvidia-cuda-cuobjdump wheel)")
     listing = subprocess.run([tool, "--list-elf", _so_path()], capture_output=True, text=True, check=True).stdout
     archs = {int(a) for a in re.findall(r"\.sm_(\d+)a?\.cubin", listing)}
-    assert archs == set(_fatbin.list_archs(_so_path())["elf"])
+    assert archs == set(list_archs(_so_path())["elf"])
 
 
 @needs_ext

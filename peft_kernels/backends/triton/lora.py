@@ -24,7 +24,7 @@ Reductions across programs (split-K of F1, dS/dB of B1, dA of B3) use fp32 ``tl.
 or, when ``torch.are_deterministic_algorithms_enabled()``, per-split workspaces summed by torch in a fixed order.
 
 F2 and B2, the only kernels that read W, take a constexpr ``IS_INT8`` for int8 weight-only bases with a per-row
-fp32 scale; ``lora_int8.py`` launches them through ``forward`` / ``backward`` below and states that variant.
+fp32 scale (``weight_scale`` of ``lora_linear_fwd`` / ``_bwd`` below); ``lora_int8.py`` states that variant.
 """
 
 from __future__ import annotations
