@@ -65,6 +65,6 @@ def positional(op_name: str, args: tuple) -> tuple:
     """``args`` without the trailing parameters that equal their defaults (None / False)."""
     defaults = _parameters(op_name)[1]
     end = len(args)
-    while end and defaults[end - 1] is not _REQUIRED and args[end - 1] is defaults[end - 1]:
+    while end and args[end - 1] is defaults[end - 1]:  # a required parameter's marker is never an argument
         end -= 1
     return args if end == len(args) else args[:end]

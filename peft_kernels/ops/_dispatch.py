@@ -192,9 +192,16 @@ def _signature(arg):
 def run(op_name: str, args: tuple):
     """The body of every registered kernel: the chosen backend's function on ``args`` (trailing defaults
     dropped, see ``backends.positional``)."""
-    module = _chosen(op_name, args)[1]
+    forced = _forced_backend.get()
+    first = args[0]
+    if forced is None and type(first) is torch.Tensor and first.device.type == "cpu":
+        choice = _choices.get((op_name, "cpu"))  # the CPU choice depends on nothing else: one lookup
+        if choice is None:
+            choice = _chosen(op_name, args)
+    else:
+        choice = _chosen(op_name, args)
     # getattr at call time: one attribute lookup, and a test's monkeypatch of a backend function is honoured.
-    return getattr(module, op_name)(*positional(op_name, args))
+    return getattr(choice[1], op_name)(*positional(op_name, args))
 
 
 def chosen_backend(op_name: str, *args) -> str:
