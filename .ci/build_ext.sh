@@ -4,7 +4,7 @@
 #   1. the build itself (setup.py build_ext --inplace → build/peft_kernels_C/build.ninja, ninja -j MAX_JOBS);
 #   2. ptxas -v of every kernel: 0 bytes spilled, 0-byte stack frame (all our kernels are decode/copy hot paths);
 #   3. cuobjdump --list-elf lists sm_80 and sm_90 cubins (and --list-ptx compute_90); the pure-Python fatbin
-#      reader (peft_kernels/backends/cuda/_fatbin.py) must agree;
+#      reader (tests/_fatbin.py) must agree;
 #   4. `import peft_kernels._C` works and build_info() names the archs;
 #   5. without a GPU, a launcher call raises a Python RuntimeError naming the CUDA error (run in a subprocess, so a
 #      crash is a failure and not a dead script); with a GPU, the GPU tests of test_cuda_ext.py run instead.
@@ -84,7 +84,7 @@ fi
 # The reader is loaded by path: importing the peft_kernels package pulls in transformers (seconds per process).
 python - "$so" <<'PY'
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("_fatbin", "peft_kernels/backends/cuda/_fatbin.py")
+spec = importlib.util.spec_from_file_location("_fatbin", "tests/_fatbin.py")
 fatbin = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fatbin)
 found = fatbin.list_archs(sys.argv[1])

@@ -30,7 +30,7 @@ H100/H200's 50 MiB L2 and the GB/s would be L2's, not HBM's. peft-bnb with thres
 (LLM.int8's ``outliers.any()`` and ``argwhere`` synchronize with the host), so it is timed with do_bench, as is
 any provider whose capture fails; the ``timer`` column says which.
 Bytes (decode): bytes_min = weight (NK int8 + 4N scale, or 2NK bf16) + x (2MK) + y (2MN) + bias (2N) + A and B
-(r(K+N) x adapter bytes); gbps = bytes_min / p50; peak_bw_frac = gbps / the GPU's peak (table below; blank on
+(r(K+N) x adapter bytes); gbps = bytes_min / p50; peak_bw_frac = gbps / the GPU's peak (``peft_kernels.bench.measure.DEVICE_PEAKS``; blank on
 an unknown GPU unless ``--peak-gbps``). Training: tflops from 2MNK + 2Mr(K+N) (fwd) plus 2MNK + 4Mr(K+N) (bwd).
 Memory: peak allocation of one call above what was allocated before it.
 Accuracy: rel_err = max|y - truth| / max|truth| of one call (p = 0 rows), truth = the reference op in fp32 on
@@ -68,16 +68,7 @@ CSV_FIELDS = (
     "speedup_vs_peft_bnb", "rel_err", "peak_bytes",
     "gpu", "torch", "triton", "bitsandbytes", "peft_kernels", "git_sha", "timestamp", "note",
 )  # fmt: skip
-# Peak HBM bandwidth, bytes/s, by a substring of torch.cuda.get_device_name() (first match wins; vendor figures).
-PEAK_BANDWIDTH = (
-    ("H200", 4.8e12),
-    ("H100 PCIe", 2.0e12),
-    ("H100", 3.35e12),
-    ("A100-SXM4-40GB", 1.555e12),
-    ("A100-PCIE-40GB", 1.555e12),
-    ("A100", 2.039e12),
-)
-_INT8_OPS = ("lora_linear_int8_fwd", "lora_linear_int8_bwd")
+_INT8_OPS = ("lora_linear_fwd", "lora_linear_bwd")  # one op pair for every weight format
 _LORA_OPS = ("lora_linear_fwd", "lora_linear_bwd")
 
 
@@ -126,12 +117,12 @@ def _bytes_min(provider: str, s: Shape, adapter_bytes: int) -> int:
 
 
 def _peak_bandwidth(name: str, override_gbps: float | None) -> float | None:
+    """Bytes/s: ``--peak-gbps``, else the one GPU peak table (``peft_kernels.bench.measure.DEVICE_PEAKS``)."""
     if override_gbps:
         return override_gbps * 1e9
-    for key, value in PEAK_BANDWIDTH:
-        if key in name:
-            return value
-    return None
+    from peft_kernels.bench.measure import device_peaks
+
+    return device_peaks(name)[1]
 
 
 # ---- weights and providers -------------------------------------------------------------------------------------
@@ -161,7 +152,7 @@ class Weights:
 
 
 def make_weights(s: Shape, dtype, device, threshold: float, seed: int) -> Weights:
-    from peft_kernels.backends.reference.lora_int8 import bnb_weight_scale
+    from peft_kernels.formats import bnb_weight_scale
 
     gen = torch.Generator().manual_seed(seed)
     weight = (torch.randn(s.N, s.K, generator=gen) / s.K**0.5).to(dtype)
@@ -241,7 +232,7 @@ def _pinned(provider: str):
 
     pins = {
         "triton": dict.fromkeys(_INT8_OPS, ("triton",)),
-        "cuda": {"lora_linear_int8_fwd": ("cuda",)},
+        "cuda": {"lora_linear_fwd": ("cuda",)},
         "bf16-lora-triton": dict.fromkeys(_LORA_OPS, ("triton",)),
     }.get(provider, {})
     saved = {op: _dispatch.PRIORITY[op] for op in pins}

@@ -1,7 +1,5 @@
-"""What can run here: one place that answers for ``peft-kernels info`` and the dispatcher.
-
-Each backend's reason is computed once (cached in its package) and logged once at INFO level on first use.
-"""
+"""What can run here, for ``peft-kernels info``: versions, the device, and each backend's availability as the
+dispatcher sees it (``ops/_dispatch.py``, the one table; each reason computed once, cached in its package)."""
 
 from __future__ import annotations
 
@@ -19,16 +17,6 @@ def _find_spec(name: str):
         return importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
-
-
-def has_triton() -> bool:
-    return _find_spec("triton") is not None
-
-
-def cuda_ext_status() -> str:
-    """'loaded' or the reason the CUDA extension cannot be used."""
-    reason = _dispatch.unavailable_reason("cuda")
-    return "loaded" if reason is None else reason
 
 
 def device_summary() -> str:
@@ -65,17 +53,9 @@ def backend_report() -> list[tuple[str, str, str]]:
     return rows
 
 
-def op_choice(op_name: str) -> tuple[str, list[tuple[str, str]]]:
-    """(backend that would run the op on this machine's default device, [(backend, why not) for the others])."""
-    chosen = None
-    skipped = []
-    on_cuda = torch.cuda.is_available()
-    for name in _dispatch.PRIORITY[op_name]:
-        reason = _dispatch.unavailable_reason(name)
-        if reason is None and not on_cuda and name != "reference":
-            reason = "CPU tensors run the reference backend (CPU dispatch key)"
-        if reason is None and chosen is None:
-            chosen = name
-        elif reason is not None:
-            skipped.append((name, reason))
-    return chosen or "none", skipped
+def cuda_extension_line() -> str:
+    """Whether ``peft_kernels._C`` is built and loaded (importable, matching ABI), apart from having a GPU."""
+    from .backends import cuda
+
+    reason = cuda.extension_reason()
+    return "built and loaded" if reason is None else reason

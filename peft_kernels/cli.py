@@ -7,6 +7,8 @@ import sys
 
 
 def _info(args) -> int:
+    import torch
+
     from . import __version__, _availability
     from .ops import _dispatch
 
@@ -20,12 +22,19 @@ def _info(args) -> int:
     print("backends:")
     for name, status, reason in _availability.backend_report():
         print(f"  {name:<10} {status}{': ' + reason if reason else ''}")
-    print("ops (backend that runs on this machine's default device; why each other one does not):")
-    for op_name in _dispatch.PRIORITY:
-        chosen, skipped = _availability.op_choice(op_name)
-        print(f"  {op_name:<24} -> {chosen}")
-        for name, reason in skipped:
-            print(f"      {name:<10} {reason}")
+    print(f"CUDA extension (peft_kernels._C): {_availability.cuda_extension_line()}")
+    print(
+        "ops: backends in priority order per device type ('->' marks the one that runs here; the others say why not)"
+    )
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    for op_name, device_type, entries in _dispatch.backend_table():
+        print(f"  {op_name:<20} on {device_type:<4} tensors: {' -> '.join(name for name, _ in entries)}")
+        chosen = next((name for name, status in entries if status == "available"), None)
+        for name, status in entries:
+            mark = "->" if device_type == default_device and name == chosen else "  "
+            print(f"      {mark} {name:<10} {status}")
+    aliases = ", ".join(f"{alias} = {target}" for alias, (target, _) in _dispatch.ALIASES.items())
+    print(f"aliases (same table, weight_scale given): {aliases}")
     return 0
 
 

@@ -98,3 +98,20 @@ def test_pytest_benchmark_suite_runs(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     # 5 lora_linear cases x 5 providers: triton and cuda are skipped on CPU with their reason, the rest pass.
     assert "15 passed, 10 skipped" in result.stdout, result.stdout[-1500:]
+
+
+def test_bench_dispatch_rows_and_the_backend_function_is_restored():
+    """``peft-kernels bench dispatch`` (the dispatch-cost measurement): every row, finite, and the reference
+    function it swaps for an empty one during the empty-work rows is the real one again afterwards."""
+    from peft_kernels.backends.reference import lora as reference
+    from peft_kernels.bench.dispatch import measure_dispatch
+
+    real = reference.lora_linear_fwd
+    rows = measure_dispatch(calls=2, reps=3, warmup=1)
+    assert reference.lora_linear_fwd is real
+    expected = {"reference", "dispatch.run", "op", "torch floor", "empty work", "dispatch.run, empty work"}
+    expected |= {"op, empty work", "dispatcher overhead", "dispatcher overhead, empty work", "torch custom-op call"}
+    assert expected <= set(rows)
+    for name in ("reference", "op", "empty work", "dispatch.run, empty work"):
+        p50, p20, p80 = rows[name]
+        assert 0 < p20 <= p50 <= p80 < 1e6, (name, rows[name])

@@ -121,3 +121,34 @@ def test_forced_unavailable_backend_lists_every_reason():
     with pytest.raises(ValueError, match="Unknown backend backend='nope'"):
         lora_linear(x, w, None, a, b, 1.0, backend="nope")
     assert torch.equal(lora_linear(x, w, None, a, b, 1.0, backend="reference"), lora_linear(x, w, None, a, b, 1.0))
+
+
+def _package_of(rel: str, node, name: str) -> str | None:
+    """The first-level peft_kernels package (``ops``, ``layers``, ``backends``, a module name…) an import names."""
+    if isinstance(node, ast.ImportFrom) and node.level:
+        parts = rel.split("/")[:-1]
+        base = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+        target = [*base, *(node.module.split(".") if node.module else [name])]
+        return target[0] if target else None
+    parts = name.split(".")
+    return parts[1] if parts[0] == "peft_kernels" and len(parts) > 1 else None
+
+
+def test_kernel_half_imports_downward_only():
+    """backends → ops → layers: layers never reach into backends, backends never import ops or layers, and no
+    kernel-half package imports the API half (tuners, peft_model, mapping)."""
+    forbidden = {
+        "layers": {"backends", "tuners", "peft_model", "mapping"},
+        "ops": {"layers", "tuners", "peft_model", "mapping"},
+        "backends": {"ops", "layers", "tuners", "peft_model", "mapping"},
+    }
+    problems = []
+    for rel, path in _python_files():
+        top = rel.split("/")[0]
+        if top not in forbidden:
+            continue
+        for name, _, node in _imports(path):
+            target = _package_of(rel, node, name)
+            if target in forbidden[top]:
+                problems.append(f"{rel}:{node.lineno} imports {target}")
+    assert not problems, "\n".join(problems)

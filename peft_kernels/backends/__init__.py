@@ -1,8 +1,70 @@
-"""Backends: ``reference`` (pure torch, the spec), ``triton``, ``cuda``.
+"""Backends: ``reference`` (pure torch, the spec), ``triton``, ``cuda``; and the ops they implement.
 
-Every backend package exposes the same three functions, used only by ``ops/_dispatch.py``:
+Every op's parameter list is stated once, here, as its torch schema (``SCHEMAS``): ``ops/`` registers these
+schemas with torch.library, the dispatcher (``ops/_dispatch.py``) binds a call's arguments to them, and each
+backend's capability check reads the bound call by name (``bind(op_name, args).x``). A backend function of
+an op takes the schema's parameters in schema order; trailing parameters left at their default are not passed
+(``positional``), so a dense-weight call of ``lora_linear_fwd`` looks exactly like it did before the weight
+formats joined it.
+
+Every backend package exposes, for the dispatcher only:
 
 - ``unavailable_reason() -> str | None``: why the whole backend cannot run here (decided once, cached);
-- ``get_impl(op_name) -> callable``: the implementation of one op, same signature in every backend;
-- ``not_supported_reasons(op_name, *args) -> list[str]``: why this call's arguments cannot run on it.
+- ``IMPLEMENTATIONS: dict[op_name, module]``: ``backends/<name>/<module>.py`` defines a function named like the
+  op and ``not_supported_reasons(op_name, *args) -> list[str]``, the one capability check of its ops (empty:
+  this call can run). The implementation itself does not check again.
 """
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import torch
+
+# The base weight is ``weight`` (+ ``weight_scale`` for int8): formats are stated in ``peft_kernels/formats.py``.
+# ``keep_masks``: the caller can afford one byte per element of x to keep dropout masks for the backward (CPU,
+# where regenerating them costs more than the low-rank update); a backend that keeps them returns them after the
+# S_a in the second output (one bool (M, K) per adapter with p > 0), and the backward finds them in ``saved_s``.
+SCHEMAS = {
+    "lora_linear_fwd": "(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, "
+    "Tensor?[] lora_b_bias, float[] scaling, float[] dropout_p, Tensor? seeds, Tensor? weight_scale=None, "
+    "bool keep_masks=False) -> (Tensor, Tensor[])",
+    "lora_linear_bwd": "(Tensor dy, Tensor x, Tensor weight, Tensor[] lora_a, Tensor[] lora_b, Tensor[] saved_s, "
+    "float[] scaling, float[] dropout_p, Tensor? seeds, bool[] output_mask, Tensor? weight_scale=None) "
+    "-> (Tensor?, Tensor[], Tensor[])",
+    # Mutated buffers are declared (Tensor(a!)); the two lists get distinct alias sets because a layer's K and V
+    # buffers never alias.
+    "prefix_kv_fill": "(Tensor prefix, Tensor(a!)[] k_bufs, Tensor(b!)[] v_bufs) -> ()",
+    "kv_append": "(Tensor(a!) k_buf, Tensor(b!) v_buf, Tensor k, Tensor v, int offset) -> ()",
+    "prefix_kv_fill_bwd": "(Tensor[] dk_bufs, Tensor[] dv_bufs, int P) -> Tensor",
+}
+
+
+@functools.cache
+def _parameters(op_name: str) -> tuple[type, tuple]:
+    """(namedtuple class of the op's parameters, their defaults: a ``_REQUIRED`` marker where there is none)."""
+    schema = torch._C.parse_schema(f"peft_kernels::{op_name}{SCHEMAS[op_name]}")
+    names = [arg.name for arg in schema.arguments]
+    defaults = tuple(arg.default_value if arg.has_default_value() else _REQUIRED for arg in schema.arguments)
+    return collections.namedtuple(f"{op_name}_call", names), defaults
+
+
+_REQUIRED = object()
+
+
+def bind(op_name: str, args: tuple):
+    """The call's arguments by name (``.x``, ``.weight``, …); missing trailing ones take their defaults."""
+    cls, defaults = _parameters(op_name)
+    if len(args) < len(defaults):
+        args = (*args, *defaults[len(args) :])
+    return cls(*args)
+
+
+def positional(op_name: str, args: tuple) -> tuple:
+    """``args`` without the trailing parameters that equal their defaults (None / False)."""
+    defaults = _parameters(op_name)[1]
+    end = len(args)
+    while end and args[end - 1] is defaults[end - 1]:  # a required parameter's marker is never an argument
+        end -= 1
+    return args if end == len(args) else args[:end]

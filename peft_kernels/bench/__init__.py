@@ -1,6 +1,7 @@
 """``peft-kernels bench``: the op benchmarks (LoRA linear, int8 LoRA linear, prefix K/V) of every provider that can
 run on this device, side by side, with a table, CSV rows and a PNG of the speedups over PEFT.
 
+    peft-kernels bench dispatch      # µs per call of the op route vs the reference called directly (dispatch.py)
     peft-kernels bench [--device cpu|cuda] [--size quick|full|tiny] [--ops lora_linear,lora_linear_int8,prefix_kv]
                        [--modes fwd,bwd,fwd+bwd,no-grad-fwd,decode] [--providers peft,reference,...]
                        [--reps 10] [--out rows.csv] [--plot speedup.png]
@@ -288,6 +289,11 @@ def _csv_list(value: str, allowed, what: str, parser) -> tuple[str, ...]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dispatch"]:  # peft-kernels bench dispatch: the per-call cost of the op route (dispatch.py)
+        from .dispatch import main as dispatch_main
+
+        return dispatch_main(argv[1:])
     parser = argparse.ArgumentParser(prog="peft-kernels bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--size", default="quick", choices=("tiny", "quick", "full"))

@@ -33,7 +33,7 @@ PROVIDERS = ("peft", "reference", "reference+compile", "triton", "cuda")
 BACKEND_PROVIDERS = ("reference", "triton", "cuda")
 _OPS_OF = {
     "lora_linear": ("lora_linear_fwd", "lora_linear_bwd"),
-    "lora_linear_int8": ("lora_linear_int8_fwd", "lora_linear_int8_bwd"),
+    "lora_linear_int8": ("lora_linear_fwd", "lora_linear_bwd"),  # one op pair for every weight format
     "prefix_kv": ("prefix_kv_fill", "kv_append", "prefix_kv_fill_bwd"),
 }
 
@@ -170,7 +170,7 @@ class LinearProblem(Problem):
             absmax = weight.abs().amax(1).clamp_min(1e-8)  # bitsandbytes' row-wise absmax quantizer
             self.scb = absmax.to(device)
             self.weight_int8 = torch.round(weight * (127.0 / absmax)[:, None]).to(torch.int8).to(device)
-            from ..backends.reference.lora_int8 import bnb_weight_scale
+            from ..formats import bnb_weight_scale
 
             self.weight_scale = bnb_weight_scale(self.scb)
             self.frozen = [self.weight_int8, self.weight_scale, self.bias]

@@ -9,6 +9,13 @@ import torch
 from torch import nn
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D`` (GPT-2 style, weight stored (in, out)) or a subclass of it,
+    recognised from its classes' names and modules so that layers/ never imports transformers. The one test for
+    it: tuners/ use it too."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+
+
 class BaseTunerLayer:
     """Mixin for layers that wrap a ``base_layer`` and hold per-adapter parameters in ModuleDicts.
 

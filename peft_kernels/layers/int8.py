@@ -19,17 +19,11 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..formats import BNB_INV_127, quantize_weight_int8
 
-INV_127 = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
+__all__ = ["INV_127", "Int8Linear", "quantize_int8", "quantize_weight_int8"]
 
-
-def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight_int8 (N, K) int8, weight_scale (N,) fp32) of a float weight (N, K), rows scaled by their absmax."""
-    w = weight.detach().to(torch.float32)
-    absmax = w.abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # an all-zero row stays zero
-    weight_int8 = torch.round(w * (127.0 / safe)[:, None]).clamp_(-127, 127).to(torch.int8)
-    return weight_int8, absmax * INV_127
+INV_127 = BNB_INV_127  # the name this module exported before formats.py owned the constant
 
 
 class Int8Linear(nn.Module):

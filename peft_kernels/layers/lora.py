@@ -17,16 +17,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ._base import BaseTunerLayer, check_adapters_to_merge
+from ._base import BaseTunerLayer, check_adapters_to_merge, is_conv1d
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D, recognised without importing transformers into layers/.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+def _low_rank_delta(weight_b: torch.Tensor, weight_a: torch.Tensor, scaling: float, transposed: bool) -> torch.Tensor:
+    """ΔW = transpose(B·A, transposed)·s in B's dtype, computed in fp32 for 16-bit weights on CPU."""
+    dtype = weight_b.dtype
+    cast_to_fp32 = weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+    if cast_to_fp32:
+        weight_a, weight_b = weight_a.float(), weight_b.float()
+    delta = transpose(weight_b @ weight_a, transposed) * scaling
+    return delta.to(dtype) if cast_to_fp32 else delta
 
 
 class LoraLayer(BaseTunerLayer):
@@ -34,6 +39,7 @@ class LoraLayer(BaseTunerLayer):
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora", "lora_bias")
+    _adapter_store = "lora_A"  # the dict whose keys are this layer type's adapters (Embedding: lora_embedding_A)
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -52,13 +58,12 @@ class LoraLayer(BaseTunerLayer):
         self.lora_variant = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self._caches = {}
         self.kwargs = kwargs
 
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
             in_features, out_features = base.in_features, base.out_features
-        elif _is_conv1d(base):
+        elif is_conv1d(base):
             in_features, out_features = base.weight.shape
         elif isinstance(base, nn.Embedding):
             in_features, out_features = base.num_embeddings, base.embedding_dim
@@ -182,7 +187,8 @@ class LoraLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        active = [a for a in self.active_adapters if a in self.lora_A]
+        store = getattr(self, self._adapter_store)
+        active = [a for a in self.active_adapters if a in store]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         return self._lora_forward(x, active, args, kwargs)
@@ -215,6 +221,66 @@ class LoraLayer(BaseTunerLayer):
     def _base_is_hooked(base_layer: nn.Module) -> bool:
         return bool(base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"))
 
+    def _fused_linear(self, x, weight, bias, active: list[str], weight_scale=None, flatten: bool = False):
+        """``ops.lora_linear_multi`` over the active adapters: the operand gathering every LoRA layer shares.
+
+        x: (*, K); weight: (N, K) (int8 with ``weight_scale`` (N,) fp32 for an int8 base); ``flatten``: the
+        adapters are 1×1 convs whose weights are viewed (r, K) and (N, r). Under autocast a float base runs as
+        autocast's F.linear / conv2d would: every operand in the autocast dtype.
+        """
+        # One pass over the active adapters, with local references: this runs per layer per token at decode,
+        # where Module.__getattr__ calls are a visible part of the cost.
+        lora_a_dict, lora_b_dict, dropout_dict, scaling = self.lora_A, self.lora_B, self.lora_dropout, self.scaling
+        lora_a, lora_b, lora_b_bias, dropout_p, scales = [], [], [], [], []
+        training = False
+        for adapter in active:
+            a_layer, b_layer, dropout = lora_a_dict[adapter], lora_b_dict[adapter], dropout_dict[adapter]
+            lora_a.append(a_layer.weight.flatten(1) if flatten else a_layer.weight)
+            lora_b.append(b_layer.weight.flatten(1) if flatten else b_layer.weight)
+            lora_b_bias.append(b_layer.bias)
+            scales.append(scaling[adapter])
+            if isinstance(dropout, nn.Dropout):
+                dropout_p.append(dropout.p)
+                training = training or dropout.training
+            else:
+                dropout_p.append(0.0)
+        if weight_scale is None and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            lora_a = [t.to(dtype) for t in lora_a]
+            lora_b = [t.to(dtype) for t in lora_b]
+            lora_b_bias = [t.to(dtype) if t is not None else None for t in lora_b_bias]
+        return ops.lora_linear_multi(
+            x, weight, bias, lora_a, lora_b, lora_b_bias, scales, dropout_p, training, weight_scale=weight_scale
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W += ΔW_a for each adapter (and b += s·b_B with lora_bias); ``safe_merge`` checks finiteness first."""
+        store = getattr(self, self._adapter_store)
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter in store:
+                self._merge_into_base(adapter, self.get_delta_weight(adapter), safe_merge)
+
+    def _merge_into_base(self, adapter: str, delta: torch.Tensor, safe_merge: bool) -> None:
+        base_layer = self.get_base_layer()
+        bias_delta = self.lora_B[adapter].bias * self.scaling[adapter] if self.lora_bias[adapter] else None
+        if safe_merge:
+            merged = base_layer.weight.data.clone()
+            merged += delta.to(merged.dtype)
+            new_bias = base_layer.bias + bias_delta if bias_delta is not None else None
+            for tensor in (merged, new_bias):
+                if tensor is not None and not torch.isfinite(tensor).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            base_layer.weight.data = merged
+            if new_bias is not None:
+                base_layer.bias.data = new_bias.to(base_layer.bias.dtype)
+        else:
+            base_layer.weight.data += delta.to(base_layer.weight.dtype)
+            if bias_delta is not None:
+                base_layer.bias.data += bias_delta.to(base_layer.bias.dtype)
+        self.merged_adapters.append(adapter)
+
     def unmerge(self) -> None:
         """W -= ΔW_a (and b -= s·b_B with lora_bias) in reverse merge order; the int8 layer overrides it."""
         if not self.merged:
@@ -234,8 +300,9 @@ class LoraLayer(BaseTunerLayer):
         """Row i uses adapter adapter_names[i] ("__base__": none). Eval-only; eager."""
         result = self.base_layer(x, *args, **kwargs)
         torch_result_dtype = result.dtype
+        store = getattr(self, self._adapter_store)
         for adapter in set(adapter_names):
-            if adapter == "__base__" or adapter not in self.lora_A:
+            if adapter == "__base__" or adapter not in store:
                 continue
             rows = [i for i, name in enumerate(adapter_names) if name == adapter]
             update = self._eager_lora_update(x[rows], adapter)
@@ -272,53 +339,15 @@ class Linear(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW = transpose(B·A, fan_in_fan_out)·s, computed in fp32 for 16-bit weights on CPU."""
-        weight_b = self.lora_B[adapter].weight
-        weight_a = self.lora_A[adapter].weight
-        dtype = weight_b.dtype
-        cast_to_fp32 = weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast_to_fp32:
-            weight_a, weight_b = weight_a.float(), weight_b.float()
-        delta = transpose(weight_b @ weight_a, self.fan_in_fan_out) * self.scaling[adapter]
-        return delta.to(dtype) if cast_to_fp32 else delta
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W += ΔW_a for each adapter (and b += s·b_B with lora_bias); ``safe_merge`` checks finiteness first."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        base_layer = self.get_base_layer()
-        for adapter in adapter_names:
-            if adapter not in self.lora_A:
-                continue
-            delta = self.get_delta_weight(adapter)
-            if safe_merge:
-                merged = base_layer.weight.data.clone()
-                merged += delta.to(merged.dtype)
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-                new_bias = None
-                if self.lora_bias[adapter]:
-                    new_bias = base_layer.bias + self.lora_B[adapter].bias * self.scaling[adapter]
-                    if not torch.isfinite(new_bias).all():
-                        raise ValueError(
-                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
-                        )
-                base_layer.weight.data = merged
-                if new_bias is not None:
-                    base_layer.bias.data = new_bias.to(base_layer.bias.dtype)
-            else:
-                base_layer.weight.data += delta.to(base_layer.weight.dtype)
-                if self.lora_bias[adapter]:
-                    base_layer.bias.data += (self.lora_B[adapter].bias * self.scaling[adapter]).to(
-                        base_layer.bias.dtype
-                    )
-            self.merged_adapters.append(adapter)
+        weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return _low_rank_delta(weight_b, weight_a, self.scaling[adapter], self.fan_in_fan_out)
 
     def _fused_path_ok(self, base_layer: nn.Module, active: list[str], args, kwargs) -> bool:
         """The op computes exactly what the base layer's forward would: a plain, hook-free linear map."""
         if args or kwargs:
             return False
-        if not (type(base_layer) is nn.Linear or _is_conv1d(base_layer)) or self._base_is_hooked(base_layer):
+        plain_conv1d = is_conv1d(base_layer) and type(base_layer).__name__ == "Conv1D"  # a subclass may differ
+        if not (type(base_layer) is nn.Linear or plain_conv1d) or self._base_is_hooked(base_layer):
             return False
         return self._adapters_read_directly(active, nn.Linear)
 
@@ -333,32 +362,7 @@ class Linear(nn.Module, LoraLayer):
     def _fused_forward(self, x: torch.Tensor, base_layer: nn.Module, active: list[str]) -> torch.Tensor:
         # Conv1D stores W as (in, out); its transposed view is the (out, in) weight the op expects, no copy.
         weight = base_layer.weight.t() if self.fan_in_fan_out else base_layer.weight
-        bias = base_layer.bias
-        # One pass over the active adapters, with local references: this runs per layer per token at decode,
-        # where Module.__getattr__ calls are a visible part of the cost.
-        lora_a_dict, lora_b_dict, dropout_dict, scaling = self.lora_A, self.lora_B, self.lora_dropout, self.scaling
-        lora_a, lora_b, lora_b_bias, dropout_p, scales = [], [], [], [], []
-        training = False
-        for adapter in active:
-            a_layer, b_layer, dropout = lora_a_dict[adapter], lora_b_dict[adapter], dropout_dict[adapter]
-            lora_a.append(a_layer.weight)
-            lora_b.append(b_layer.weight)
-            lora_b_bias.append(b_layer.bias)
-            scales.append(scaling[adapter])
-            if isinstance(dropout, nn.Dropout):
-                dropout_p.append(dropout.p)
-                training = training or dropout.training
-            else:
-                dropout_p.append(0.0)
-        if torch.is_autocast_enabled(x.device.type):
-            # Reproduce autocast's F.linear: every operand in the autocast dtype.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-            lora_a = [t.to(dtype) for t in lora_a]
-            lora_b = [t.to(dtype) for t in lora_b]
-            lora_b_bias = [t.to(dtype) if t is not None else None for t in lora_b_bias]
-        return ops.lora_linear_multi(x, weight, bias, lora_a, lora_b, lora_b_bias, scales, dropout_p, training)
+        return self._fused_linear(x, weight, base_layer.bias, active)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -366,6 +370,8 @@ class Linear(nn.Module, LoraLayer):
 
 class Embedding(nn.Module, LoraLayer):
     """LoRA over ``nn.Embedding``: y = E[x] + s · (A_ᵀ[x]) · Bᵀ with A (r, num_embeddings), B (dim, r)."""
+
+    _adapter_store = "lora_embedding_A"
 
     def __init__(
         self,
@@ -397,30 +403,8 @@ class Embedding(nn.Module, LoraLayer):
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn((self.out_features, r)))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        weight_a = self.lora_embedding_A[adapter]
-        weight_b = self.lora_embedding_B[adapter]
-        dtype = weight_b.dtype
-        cast_to_fp32 = weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast_to_fp32:
-            weight_a, weight_b = weight_a.float(), weight_b.float()
-        delta = transpose(weight_b @ weight_a, True) * self.scaling[adapter]
-        return delta.to(dtype) if cast_to_fp32 else delta
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        base_layer = self.get_base_layer()
-        for adapter in adapter_names:
-            if adapter not in self.lora_embedding_A:
-                continue
-            delta = self.get_delta_weight(adapter).to(base_layer.weight.dtype)
-            if safe_merge:
-                merged = base_layer.weight.data.clone() + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-                base_layer.weight.data = merged
-            else:
-                base_layer.weight.data += delta
-            self.merged_adapters.append(adapter)
+        weight_a, weight_b = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
+        return _low_rank_delta(weight_b, weight_a, self.scaling[adapter], True)
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
@@ -434,32 +418,13 @@ class Embedding(nn.Module, LoraLayer):
             sparse=base.sparse,
         )
 
-    def _embedding_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+    def _eager_lora_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """s · (A_ᵀ[x]) · Bᵀ: the embedding's low-rank update (PEFT never applies dropout to embeddings)."""
         after_a = self._embed(x, self.lora_embedding_A[adapter].T)
         return (after_a @ self.lora_embedding_B[adapter].T) * self.scaling[adapter]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        torch_result_dtype = result.dtype
-        if adapter_names is not None:
-            for adapter in set(adapter_names):
-                if adapter == "__base__" or adapter not in self.lora_embedding_A:
-                    continue
-                rows = [i for i, name in enumerate(adapter_names) if name == adapter]
-                result[rows] += self._embedding_update(x[rows], adapter).to(torch_result_dtype)
-            return result
-        for adapter in self.active_adapters:
-            if adapter in self.lora_embedding_A:
-                result = result + self._embedding_update(x, adapter)
-        return result.to(torch_result_dtype)
+        return self._branch_forward(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -515,7 +480,6 @@ class Conv2d(nn.Module, LoraLayer):
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
-        self._kernel_dim = base.weight.dim()
         self.update_layer(
             adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias, inference_mode
         )
@@ -622,30 +586,8 @@ class Conv2d(nn.Module, LoraLayer):
         # A channels_last input needs no copy to become rows; conv2d would then also return channels_last.
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
-        weight = base_layer.weight.flatten(1)
-        bias = base_layer.bias
-        lora_a, lora_b, lora_b_bias, dropout_p, scales = [], [], [], [], []
-        training = False
-        for adapter in active:
-            a_layer, b_layer, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]
-            lora_a.append(a_layer.weight.flatten(1))
-            lora_b.append(b_layer.weight.flatten(1))
-            lora_b_bias.append(b_layer.bias)
-            scales.append(self.scaling[adapter])
-            if isinstance(dropout, nn.Dropout):
-                dropout_p.append(dropout.p)
-                training = training or dropout.training
-            else:
-                dropout_p.append(0.0)
-        if torch.is_autocast_enabled(x.device.type):
-            # conv2d runs in the autocast dtype (CUDA fp16/bf16, CPU bf16 lists): every operand cast, as there.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            rows, weight = rows.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-            lora_a = [t.to(dtype) for t in lora_a]
-            lora_b = [t.to(dtype) for t in lora_b]
-            lora_b_bias = [t.to(dtype) if t is not None else None for t in lora_b_bias]
-        y = ops.lora_linear_multi(rows, weight, bias, lora_a, lora_b, lora_b_bias, scales, dropout_p, training)
+        # Under autocast conv2d runs in the autocast dtype (CUDA fp16/bf16, CPU bf16 lists): _fused_linear casts.
+        y = self._fused_linear(rows, base_layer.weight.flatten(1), base_layer.bias, active, flatten=True)
         y = y.view(n, h, w, -1).permute(0, 3, 1, 2)
         return y if channels_last else y.contiguous()
 

@@ -1,4 +1,5 @@
-"""LoRA over int8 weight-only bases: bitsandbytes ``Linear8bitLt`` (CB/SCB) and peft_kernels' ``Int8Linear``.
+"""LoRA over int8 weight-only bases: ``Linear8bitLt`` over bitsandbytes' ``Linear8bitLt`` (CB/SCB, PEFT's class)
+and ``LoraInt8Linear`` (a ``Linear8bitLt`` subclass) over peft_kernels' own ``Int8Linear``.
 
 Forward (W8A16, one op): y = x·(W_int8·scale[:, None])ᵀ + b + Σ_a s_a·B_a A_a drop_a(x), with the int8 weight
 read as stored (no re-quantization, no dequantized copy kept). This differs from bitsandbytes' LLM.int8
@@ -13,10 +14,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .. import ops
-from ..backends.reference.lora_int8 import bnb_weight_scale, dequantize_bnb_int8
+from ..formats import bnb_weight_scale, dequantize_bnb_int8, quantize_weight_int8
 from ._base import check_adapters_to_merge
-from .int8 import Int8Linear, quantize_weight_int8
+from .int8 import Int8Linear
 from .lora import LoraLayer
 
 
@@ -26,7 +26,8 @@ def is_bnb_int8(module: nn.Module) -> bool:
 
 
 class Linear8bitLt(nn.Module, LoraLayer):
-    """LoRA over an int8 base; PEFT's ``lora.bnb.Linear8bitLt`` names. Adapters stay fp32 (the base is int8)."""
+    """LoRA over bitsandbytes' int8 ``Linear8bitLt``; PEFT's ``lora.bnb.Linear8bitLt`` names. Adapters stay fp32
+    (the base is int8). The weight format is ``formats.py``'s int8 (CB and SCB · 1/127)."""
 
     def __init__(
         self,
@@ -54,8 +55,6 @@ class Linear8bitLt(nn.Module, LoraLayer):
     def int8_weight(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(weight_int8 (N, K) int8, weight_scale (N,) fp32), or None when the base holds float weights."""
         base = self.get_base_layer()
-        if isinstance(base, Int8Linear):
-            return base.weight, base.weight_scale
         weight = base.weight
         cb = getattr(weight, "CB", None)
         if cb is None and weight.dtype == torch.int8:
@@ -73,8 +72,6 @@ class Linear8bitLt(nn.Module, LoraLayer):
 
     def _dequantized_fp32(self) -> torch.Tensor:
         base = self.get_base_layer()
-        if isinstance(base, Int8Linear):
-            return base.weight.to(torch.float32) * base.weight_scale[:, None]
         weight = base.weight
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else base.state.SCB
         return dequantize_bnb_int8(weight.CB if getattr(weight, "CB", None) is not None else weight.data, scb)
@@ -96,19 +93,7 @@ class Linear8bitLt(nn.Module, LoraLayer):
             return self._eager_forward(x, active, args, kwargs)
         weight_int8, weight_scale = int8
         bias = base.bias.to(x.dtype) if base.bias is not None else None
-        dropouts = [self.lora_dropout[a] for a in active]
-        return ops.lora_linear_int8_multi(
-            x,
-            weight_int8,
-            weight_scale,
-            bias,
-            [self.lora_A[a].weight for a in active],
-            [self.lora_B[a].weight for a in active],
-            [self.lora_B[a].bias for a in active],
-            [self.scaling[a] for a in active],
-            [d.p if isinstance(d, nn.Dropout) else 0.0 for d in dropouts],
-            training=any(isinstance(d, nn.Dropout) and d.training for d in dropouts),
-        )
+        return self._fused_linear(x, weight_int8, bias, active, weight_scale=weight_scale)
 
     def _eager_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
         """PEFT's int8 formula: each LoRA update is cast to the base output's dtype before it is added."""
@@ -124,11 +109,6 @@ class Linear8bitLt(nn.Module, LoraLayer):
 
     def _requantize(self, w_data: torch.Tensor) -> None:
         base = self.get_base_layer()
-        if isinstance(base, Int8Linear):
-            weight_int8, weight_scale = quantize_weight_int8(w_data)
-            base.weight.copy_(weight_int8)
-            base.weight_scale.copy_(weight_scale)
-            return
         import bitsandbytes as bnb
 
         weight = base.weight
@@ -178,9 +158,31 @@ class Linear8bitLt(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+class LoraInt8Linear(Linear8bitLt):
+    """LoRA over peft_kernels' own ``Int8Linear`` (same format as bnb's, stored as the op reads it): everything of
+    ``Linear8bitLt`` but where the int8 weight lives and how a merge re-quantizes it."""
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        base = self.get_base_layer()
+        return base.weight, base.weight_scale
+
+    def _dequantized_fp32(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        return base.weight.to(torch.float32) * base.weight_scale[:, None]
+
+    def _requantize(self, w_data: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        weight_int8, weight_scale = quantize_weight_int8(w_data)
+        base.weight.copy_(weight_int8)
+        base.weight_scale.copy_(weight_scale)
+
+
 def dispatch_bnb_8bit(target: nn.Module, adapter_name: str, **kwargs) -> Optional[nn.Module]:
-    """A Linear8bitLt LoRA layer when ``target`` is a bnb Linear8bitLt or an Int8Linear, else None."""
+    """The int8 LoRA layer for ``target``: ``Linear8bitLt`` over a bnb Linear8bitLt, ``LoraInt8Linear`` over an
+    Int8Linear; None for anything else."""
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    if is_bnb_int8(base) or isinstance(base, Int8Linear):
+    if is_bnb_int8(base):
         return Linear8bitLt(target, adapter_name, **kwargs)
+    if isinstance(base, Int8Linear):
+        return LoraInt8Linear(target, adapter_name, **kwargs)
     return None

@@ -7,7 +7,7 @@ Shapes (``L`` layers, ``B`` batch, ``Hkv`` key/value heads, ``P`` virtual tokens
     K_l, V_l    [B, Hkv, S, hd]           storage[l, 0], storage[l, 1]: transformers' cache layout
     valid rows  0 … n_l - 1               the prefix (0 … P-1), then the tokens appended so far
 
-Per forward: ``prefix_kv_buffers`` writes the prefix into every layer with ONE ``ops.prefix_kv_write`` call
+Per forward: ``prefix_kv_buffers`` writes the prefix into every layer with ONE ``ops.prefix_kv_fill`` call
 (broadcast over B; its backward gives ``dprefix = Σ_b dK_l[b, :, :P]``), then each layer's ``KVBuffer.append``
 runs ``ops.kv_append`` (rows ``n … n+T-1``, in place) and returns the views ``K_l[:, :, :n+T]``, so no step
 re-concatenates the cache (a ``DynamicCache`` ``torch.cat`` allocates and copies ``n+T`` rows per layer per step).
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.prefix import kv_append, prefix_kv_write
+from ..ops.prefix import kv_append, prefix_kv_fill
 
 # Growth when an append overflows a buffer that has already been appended to (a decode loop past the planned
 # length): 1.5x the rows, at least this many more, so the copies amortize to O(1) per token.
@@ -183,5 +183,5 @@ def prefix_kv_buffers(
     # .data: same memory, own version counter per layer and per K/V (see the module docstring).
     k_bufs = [storage[0].data for storage in storages]
     v_bufs = [storage[1].data for storage in storages]
-    k_bufs, v_bufs = prefix_kv_write(prefix, k_bufs, v_bufs, backend=backend)
+    k_bufs, v_bufs = prefix_kv_fill(prefix, k_bufs, v_bufs, backend=backend)
     return [KVBuffer(k, v, prefix_len, backend) for k, v in zip(k_bufs, v_bufs)]

@@ -1,8 +1,14 @@
 """Functional ops: tensors and Python scalars in, tensors out. No modules, configs or adapter names."""
 
-from .lora import LoraLinearFunction, lora_linear, lora_linear_multi
-from .lora_int8 import LoraLinearInt8Function, lora_linear_int8, lora_linear_int8_multi
-from .prefix import KvAppendFunction, PrefixFillFunction, kv_append, prefix_kv_write
+from .lora import (
+    LoraLinearFunction,
+    LoraLinearInt8Function,
+    lora_linear,
+    lora_linear_int8,
+    lora_linear_int8_multi,
+    lora_linear_multi,
+)
+from .prefix import KvAppendFunction, PrefixFillFunction, kv_append, prefix_kv_fill, prefix_kv_write
 
 __all__ = [
     "KvAppendFunction",
@@ -14,5 +20,6 @@ __all__ = [
     "lora_linear_int8",
     "lora_linear_int8_multi",
     "lora_linear_multi",
+    "prefix_kv_fill",
     "prefix_kv_write",
 ]

@@ -1,13 +1,19 @@
-"""Which backend runs an op: per-op priority lists (data), reasons, and the forced-backend override.
+"""Which backend runs an op: ONE table (priority per op and device type), each backend's registered
+implementations and capability check, the choice cached per call signature, and the forced-backend override.
 
-Resolution for one call:
+Resolution for one call of ``torch.ops.peft_kernels.<op>``:
 1. ``backend=`` passed to the functional op (``peft_kernels.ops.lora_linear(..., backend="triton")``), else
 2. the ``PEFT_KERNELS_BACKEND`` environment variable, else
-3. the first backend of the op's priority list whose ``unavailable_reason()`` and
-   ``not_supported_reasons(op, *args)`` are both empty.
+3. the first backend of the op's priority list for the tensors' device type (``priority``) whose
+   ``unavailable_reason()`` and capability check (``not_supported_reasons(op, *args)``) are both empty.
+   CPU tensors: the reference (the fused backends are GPU code; Triton under ``TRITON_INTERPRET=1`` runs CPU
+   tensors only when forced, for tests). CUDA tensors: ``PRIORITY``.
 
-A named backend (1 or 2) that cannot run raises ``NotImplementedError`` listing every backend's reasons:
-never a silent fallback when the user asked for one. Automatic choice (3) always ends at the reference.
+The choice is made once per call signature (op, forced backend, priority list, and for every tensor argument its
+device, dtype, shape, strides, requires_grad and 16-byte alignment: everything the checks read) and cached, so a repeated call
+costs one dictionary lookup; the implementations never check again. A named backend (1 or 2) that cannot run
+raises ``NotImplementedError`` listing every backend's reasons: never a silent fallback when the user asked for
+one. Automatic choice (3) always ends at the reference, which runs everything.
 """
 
 from __future__ import annotations
@@ -20,57 +26,100 @@ import os
 
 import torch
 
+from ..backends import positional
+
 logger = logging.getLogger("peft_kernels")
 
 BACKENDS = ("reference", "triton", "cuda")
 ENV_VAR = "PEFT_KERNELS_BACKEND"
 
-# Priority per op, first that can run wins. GEMM-shaped LoRA ops: Triton first (fused GEMM + low-rank
-# update); CUDA C++ for the small-M decode and copy-shaped ops it implements. Reference last, always.
+# Priority per op on CUDA tensors, first that can run wins. The CUDA C++ ops serve what they were written for and
+# decline the rest with a reason: the decode GEMVs (M <= 16, fp16/bf16, no dropout; dense and int8 weights) and
+# the prefix K/V copy kernels. Triton runs the GEMM-shaped LoRA work. The reference is last, always.
 PRIORITY: dict[str, tuple[str, ...]] = {
-    "lora_linear_fwd": ("triton", "cuda", "reference"),
-    "lora_linear_bwd": ("triton", "cuda", "reference"),
-    # int8 W8A16: the CUDA GEMV serves decode (M <= 16) and declines the rest; training shapes go to Triton.
-    "lora_linear_int8_fwd": ("cuda", "triton", "reference"),
-    "lora_linear_int8_bwd": ("triton", "cuda", "reference"),
-    # Prefix K/V copies and their batch reduction: plain CUDA copy kernels (16-byte vectors) first.
+    "lora_linear_fwd": ("cuda", "triton", "reference"),
+    "lora_linear_bwd": ("triton", "reference"),
     "prefix_kv_fill": ("cuda", "triton", "reference"),
     "kv_append": ("cuda", "triton", "reference"),
     "prefix_kv_fill_bwd": ("cuda", "triton", "reference"),
 }
+# What a backend declines on its own op (its capability check has the full list), shown by ``peft-kernels info``.
+SCOPE = {
+    ("lora_linear_fwd", "cuda"): "decode only: M <= 16, fp16/bf16, one adapter, no dropout; dense or int8 weight",
+    ("lora_linear_fwd", "triton"): "one adapter",
+    ("lora_linear_bwd", "triton"): "one adapter",
+}
+# CPU tensors: the reference is the CPU path (see the module docstring).
+CPU_PRIORITY = ("reference",)
+
+# Registered ops that are another op with its arguments rearranged (e.g. ``lora_linear_int8_fwd``, the int8
+# weight format of ``lora_linear_fwd``): name -> (op, function mapping the alias's arguments to the op's).
+ALIASES: dict[str, tuple[str, object]] = {}
 
 _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("peft_kernels_backend", default=None)
-_backend_modules: dict[str, object] = {}
-_backend_import_errors: dict[str, str] = {}
+_packages: dict[str, object] = {}
+_package_errors: dict[str, str] = {}
+_implementations: dict[tuple[str, str], object] = {}  # (backend, op) -> module defining op + its check
+_choices: dict[tuple, tuple[str, object]] = {}  # call signature -> (backend, module defining the op's function)
+_MAX_CHOICES = 4096  # shapes that change every call (prefill lengths, decode offsets) must not grow it forever
 _logged_fallbacks: set[tuple[str, str]] = set()
 
 
-def _backend_module(name: str):
+def _package(name: str):
     """Imports backends/<name> once; an import failure becomes that backend's reason, never an exception."""
-    if name not in _backend_modules and name not in _backend_import_errors:
+    if name not in _packages and name not in _package_errors:
         try:
-            _backend_modules[name] = importlib.import_module(f"peft_kernels.backends.{name}")
+            _packages[name] = importlib.import_module(f"peft_kernels.backends.{name}")
         except Exception as exc:  # any failure to import a backend is a reason, not a crash
-            _backend_import_errors[name] = f"import failed: {type(exc).__name__}: {exc}"
-    return _backend_modules.get(name)
+            _package_errors[name] = f"import failed: {type(exc).__name__}: {exc}"
+    return _packages.get(name)
 
 
 def unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run at all on this machine, or None."""
     if name not in BACKENDS:
         raise ValueError(f"Unknown backend {name!r}; expected one of {', '.join(BACKENDS)}.")
-    module = _backend_module(name)
+    package = _package(name)
+    return _package_errors[name] if package is None else package.unavailable_reason()
+
+
+def _module(name: str, op_name: str):
+    """The module of backend ``name`` that implements ``op_name`` (None: the backend has no such kernel)."""
+    key = (name, op_name)
+    if key not in _implementations:
+        module_name = _package(name).IMPLEMENTATIONS.get(op_name)
+        module = importlib.import_module(f"peft_kernels.backends.{name}.{module_name}") if module_name else None
+        _implementations[key] = module
+    return _implementations[key]
+
+
+def implementation(name: str, op_name: str):
+    """Backend ``name``'s function for ``op_name`` (tests call it to reach one backend without dispatch)."""
+    return getattr(_module(name, op_name), op_name)
+
+
+def _resolve(op_name: str, args: tuple) -> tuple[str, tuple]:
+    if op_name in ALIASES:
+        target, translate = ALIASES[op_name]
+        return target, tuple(translate(*args))
+    return op_name, args
+
+
+def check_reasons(name: str, op_name: str, *args) -> list[str]:
+    """Backend ``name``'s capability check for this call alone (machine availability aside)."""
+    if op_name in ALIASES and _module(name, ALIASES[op_name][0]) is None:
+        return [f"no {name} kernel for {op_name}"]
+    op_name, args = _resolve(op_name, args)
+    module = _module(name, op_name)
     if module is None:
-        return _backend_import_errors[name]
-    return module.unavailable_reason()
+        return [f"no {name} kernel for {op_name}"]
+    return list(module.not_supported_reasons(op_name, *args))
 
 
 def call_reasons(name: str, op_name: str, *args) -> list[str]:
     """Every reason why backend ``name`` cannot run this call of ``op_name`` (empty: it can)."""
     reason = unavailable_reason(name)
-    if reason is not None:
-        return [reason]
-    return list(_backend_module(name).not_supported_reasons(op_name, *args))
+    return [reason] if reason is not None else check_reasons(name, op_name, *args)
 
 
 def requested_backend(backend: str | None = None) -> str | None:
@@ -118,29 +167,81 @@ def run_with_backend(backend: str | None, fn, *args):
         _forced_backend.reset(token)
 
 
-def select(op_name: str, *args):
-    """The implementation that runs this call: the forced backend's, or the first capable one's."""
+def priority(op_name: str, device_type: str) -> tuple[str, ...]:
+    """The backends tried, in order, for ``op_name`` on tensors of ``device_type``."""
+    return CPU_PRIORITY if device_type == "cpu" else PRIORITY[op_name]
+
+
+def _device_type(args) -> str:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device.type
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return arg[0].device.type
+    return "cpu"
+
+
+def _signature(arg):
+    if isinstance(arg, torch.Tensor):
+        return (arg.device, arg.dtype, arg.shape, arg.stride(), arg.requires_grad, arg.data_ptr() % 16)
+    if isinstance(arg, (list, tuple)):
+        return tuple(_signature(a) for a in arg)
+    return arg
+
+
+def run(op_name: str, args: tuple):
+    """The body of every registered kernel: the chosen backend's function on ``args`` (trailing defaults
+    dropped, see ``backends.positional``)."""
     forced = _forced_backend.get()
+    first = args[0]
+    if forced is None and type(first) is torch.Tensor and first.device.type == "cpu":
+        choice = _choices.get((op_name, "cpu"))  # the CPU choice depends on nothing else: one lookup
+        if choice is None:
+            choice = _chosen(op_name, args)
+    else:
+        choice = _chosen(op_name, args)
+    # getattr at call time: one attribute lookup, and a test's monkeypatch of a backend function is honoured.
+    return getattr(choice[1], op_name)(*positional(op_name, args))
+
+
+def chosen_backend(op_name: str, *args) -> str:
+    """The backend that runs this call (forced or automatic), as ``run`` chooses it; aliases resolved."""
+    op_name, args = _resolve(op_name, args)
+    return _chosen(op_name, args)[0]
+
+
+def _chosen(op_name: str, args: tuple) -> tuple[str, object]:
+    """(backend name, module) for this call, from the cache or chosen now."""
+    forced = _forced_backend.get()
+    device_type = _device_type(args)
+    if forced is None and device_type == "cpu":
+        key = (op_name, "cpu")  # the CPU choice depends on nothing else
+    else:
+        # PRIORITY is data that tests and benchmarks pin at run time: part of the key, so a pin takes effect.
+        key = (op_name, forced, PRIORITY[op_name], _signature(args))
+    choice = _choices.get(key)
+    if choice is None:
+        name = _choose(op_name, forced, device_type, args)
+        choice = (name, _module(name, op_name))
+        if len(_choices) >= _MAX_CHOICES:
+            _choices.clear()
+        _choices[key] = choice
+    return choice
+
+
+def _choose(op_name: str, forced: str | None, device_type: str, args: tuple) -> str:
     if forced is not None:
-        reasons = call_reasons(forced, op_name, *args)
-        if reasons:
+        if call_reasons(forced, op_name, *args):
             raise NotImplementedError(_no_backend_message(op_name, forced, args))
-        return _backend_module(forced).get_impl(op_name)
-    for name in PRIORITY[op_name]:
+        return forced
+    for name in priority(op_name, device_type):
         reasons = call_reasons(name, op_name, *args)
         if not reasons:
-            return _backend_module(name).get_impl(op_name)
-        if name != "reference" and (op_name, name) not in _logged_fallbacks and _on_accelerator(args):
+            return name
+        if name != "reference" and (op_name, name) not in _logged_fallbacks and device_type != "cpu":
             _logged_fallbacks.add((op_name, name))
             logger.info("peft_kernels: %s not on %s: %s", op_name, name, "; ".join(reasons))
     raise NotImplementedError(_no_backend_message(op_name, None, args))
-
-
-def _on_accelerator(args) -> bool:
-    for arg in args:
-        if hasattr(arg, "device"):
-            return arg.device.type != "cpu"
-    return False
 
 
 def _no_backend_message(op_name: str, forced: str | None, args) -> str:
@@ -152,11 +253,26 @@ def _no_backend_message(op_name: str, forced: str | None, args) -> str:
     return "\n".join(lines)
 
 
-def backend_table(op_names=None) -> list[tuple[str, str, str]]:
-    """Rows (op, backend, status) for ``peft-kernels info``: 'unavailable: …' or 'available'."""
+def clear_choices() -> None:
+    """Forget every cached choice (after changing ``PRIORITY`` or a backend's availability in a running process)."""
+    _choices.clear()
+
+
+def backend_table() -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """Rows (op, device type, [(backend, 'available' | 'no kernel' | 'unavailable: …')]) in priority order, for
+    ``peft-kernels info``; aliases are listed with the op they run."""
     rows = []
-    for op_name in op_names or PRIORITY:
-        for name in PRIORITY[op_name]:
-            reason = unavailable_reason(name)
-            rows.append((op_name, name, "available" if reason is None else f"unavailable: {reason}"))
+    for op_name in PRIORITY:
+        for device_type in ("cuda", "cpu"):
+            entries = []
+            for name in priority(op_name, device_type):
+                reason = unavailable_reason(name)
+                package = _package(name)
+                if package is not None and op_name not in package.IMPLEMENTATIONS:
+                    status = "no kernel"
+                else:
+                    status = "available" if reason is None else f"unavailable: {reason}"
+                scope = SCOPE.get((op_name, name))
+                entries.append((name, f"{status} [{scope}]" if scope else status))
+            rows.append((op_name, device_type, entries))
     return rows

@@ -1,7 +1,17 @@
-"""LoRA linear as registered ops plus one autograd Function.
+"""LoRA linear: one pair of registered ops for every base-weight format, and one autograd Function.
 
-``lora_linear`` (public) → ``LoraLinearFunction`` (saves x, W, A, B, S and a seed; never an M×N or M×K tensor)
-→ ``torch.ops.peft_kernels.lora_linear_{fwd,bwd}`` → backend chosen by ``ops/_dispatch.py``.
+Route (the same on every device)::
+
+    lora_linear / lora_linear_multi / lora_linear_int8 / lora_linear_int8_multi          (public, this module)
+      → LoraLinearFunction (autograd; LoraLinearInt8Function is the same with the int8 argument order)
+      → torch.ops.peft_kernels.lora_linear_fwd / lora_linear_bwd                           (schema: backends/)
+      → ops/_dispatch.run: the cached choice of the op's table → backends/<name>/lora.py
+
+The base weight is ``weight`` plus an optional ``weight_scale``: a float weight, or int8 with per-row fp32 scales
+(W8A16); ``peft_kernels/formats.py`` owns the formats and says how a new one (4-bit NF4/FP4) plugs in: a
+``dequantize_*`` there, the reference through it, the kernels' checks; this module, the Function and the
+dispatcher stay as they are. ``torch.ops.peft_kernels.lora_linear_int8_fwd`` / ``_bwd`` are aliases of the two
+ops with the int8 argument order (x, weight_int8, weight_scale, …), kept for their callers.
 """
 
 from __future__ import annotations
@@ -10,64 +20,107 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..backends.reference import lora as _reference
+from ..backends import bind
+from ..formats import weight_format_error
 from . import _dispatch
-from ._library import define_op
+from ._library import define_alias, define_op
 
-# Tensors per adapter in LoraLinearFunction's flattened argument list: lora_a, lora_b, lora_b_bias.
+# Tensors per adapter in the Functions' flattened argument list: lora_a, lora_b, lora_b_bias.
 _TENSORS_PER_ADAPTER = 3
-# Non-adapter inputs of LoraLinearFunction.forward after ctx: meta, x, weight, bias, seeds.
-_LEADING_INPUTS = 5
 
 
-def _fwd_fake(x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds):
+def _fwd_fake(*args, **kwargs):
+    call = bind("lora_linear_fwd", args)._replace(**kwargs)
+    x, weight = call.x, call.weight
     torch._check(x.dim() == 2, lambda: f"x must be 2-D (M, K), got {tuple(x.shape)}")
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1], lambda: "weight must be (N, K)")
-    n = len(lora_a)
-    torch._check(len(lora_b) == n and len(scaling) == n and len(dropout_p) == n, lambda: "adapter list lengths")
+    if call.weight_scale is not None:
+        torch._check(weight.dtype == torch.int8, lambda: f"weight_int8 must be int8, got {weight.dtype}")
+        torch._check(
+            call.weight_scale.dtype == torch.float32 and tuple(call.weight_scale.shape) == (weight.shape[0],),
+            lambda: f"weight_scale must be fp32 ({weight.shape[0]},), got {tuple(call.weight_scale.shape)}",
+        )
+    n = len(call.lora_a)
+    torch._check(
+        len(call.lora_b) == n and len(call.scaling) == n and len(call.dropout_p) == n, lambda: "adapter list lengths"
+    )
     y = x.new_empty((x.shape[0], weight.shape[0]))
-    s = [x.new_empty((x.shape[0], a.shape[0]), dtype=torch.promote_types(a.dtype, torch.float32)) for a in lora_a]
-    return y, s
+    acc = [torch.promote_types(a.dtype, torch.float32) for a in call.lora_a]
+    saved = [x.new_empty((x.shape[0], a.shape[0]), dtype=dt) for a, dt in zip(call.lora_a, acc)]
+    if call.keep_masks:
+        saved += [x.new_empty(x.shape, dtype=torch.bool) for p in call.dropout_p if p > 0.0]
+    return y, saved
 
 
-def _bwd_fake(dy, x, weight, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask):
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else None
-    d_a = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in lora_a] if output_mask[1] else []
-    d_b = [torch.empty_like(b, memory_format=torch.contiguous_format) for b in lora_b] if output_mask[1] else []
+def _bwd_fake(*args, **kwargs):
+    call = bind("lora_linear_bwd", args)._replace(**kwargs)
+    need_dx, need_adapters = call.output_mask
+    dx = torch.empty_like(call.x, memory_format=torch.contiguous_format) if need_dx else None
+    d_a = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in call.lora_a] if need_adapters else []
+    d_b = [torch.empty_like(b, memory_format=torch.contiguous_format) for b in call.lora_b] if need_adapters else []
     return dx, d_a, d_b
 
 
-define_op(
+define_op("lora_linear_fwd", _fwd_fake)
+define_op("lora_linear_bwd", _bwd_fake)
+define_alias(
+    "lora_linear_int8_fwd",
     "lora_linear_fwd",
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, Tensor?[] lora_b_bias, "
-    "float[] scaling, float[] dropout_p, Tensor? seeds) -> (Tensor, Tensor[])",
-    _fwd_fake,
+    ("x", "weight", "weight_scale", "bias", "lora_a", "lora_b", "lora_b_bias", "scaling", "dropout_p", "seeds"),
 )
-define_op(
+define_alias(
+    "lora_linear_int8_bwd",
     "lora_linear_bwd",
-    "(Tensor dy, Tensor x, Tensor weight, Tensor[] lora_a, Tensor[] lora_b, Tensor[] saved_s, float[] scaling, "
-    "float[] dropout_p, Tensor? seeds, bool[] output_mask) -> (Tensor?, Tensor[], Tensor[])",
-    _bwd_fake,
-)
+    ("dy", "x", "weight", "weight_scale", "lora_a", "lora_b", "saved_s", "scaling", "dropout_p", "seeds",
+     "output_mask"),
+)  # fmt: skip
 
 
-def _eager_cpu(x: torch.Tensor) -> bool:
-    """Eager call on CPU tensors with automatic backend choice: the op's CPU kernel is the reference anyway, so
-    calling it directly skips the dispatcher round trip (≈45 µs per call measured on the 2-core CI box, more than
-    the whole layer costs at decode sizes). Compiled graphs and forced backends always go through torch.ops."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and _dispatch.forced_backend() is None
+def _forward(ctx, meta, x, weight, weight_scale, bias, seeds, adapter_tensors):
+    scaling, dropout_p = meta
+    lora_a = list(adapter_tensors[0::_TENSORS_PER_ADAPTER])
+    lora_b = list(adapter_tensors[1::_TENSORS_PER_ADAPTER])
+    lora_b_bias = list(adapter_tensors[2::_TENSORS_PER_ADAPTER])
+    forced = _dispatch.forced_backend()
+    # CPU: the reference keeps each dropout mask (1 byte per element) for the backward, because regenerating it
+    # costs more there than the low-rank update; the fused kernels regenerate it from the seed and keep nothing.
+    keep_masks = seeds is not None and x.device.type == "cpu" and forced in (None, "reference")
+    y, saved = torch.ops.peft_kernels.lora_linear_fwd(
+        x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, weight_scale, keep_masks
+    )
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.forced_backend = forced
+    ctx.n_adapters = len(lora_a)
+    ctx.has_bias = bias is not None
+    ctx.lora_b_bias_present = [t is not None for t in lora_b_bias]
+    ctx.save_for_backward(x, weight, weight_scale, seeds, *lora_a, *lora_b, *saved)
+    return y
 
 
-def _call_fwd(*args):
-    if _eager_cpu(args[0]):
-        return _reference.lora_linear_fwd(*args)
-    return torch.ops.peft_kernels.lora_linear_fwd(*args)
-
-
-def _call_bwd(*args):
-    if _eager_cpu(args[1]):
-        return _reference.lora_linear_bwd(*args)
-    return torch.ops.peft_kernels.lora_linear_bwd(*args)
+def _backward(ctx, dy, leading: int):
+    """(dx, dW or None, db, adapter gradients); ``leading`` = the Function's inputs before the adapter tensors."""
+    n = ctx.n_adapters
+    x, weight, weight_scale, seeds, *rest = ctx.saved_tensors
+    lora_a, lora_b, saved = rest[:n], rest[n : 2 * n], rest[2 * n :]
+    needs = ctx.needs_input_grad
+    adapter_needs = needs[leading:]
+    need_adapters = any(adapter_needs[i] or adapter_needs[i + 1] for i in range(0, _TENSORS_PER_ADAPTER * n, 3))
+    dx, d_a, d_b = _dispatch.run_with_backend(
+        ctx.forced_backend,
+        torch.ops.peft_kernels.lora_linear_bwd,
+        dy, x, weight, lora_a, lora_b, saved, ctx.scaling, ctx.dropout_p, seeds, [needs[1], need_adapters],
+        weight_scale,
+    )  # fmt: skip
+    # dW only for a float weight that trains (full fine-tuning); a quantized base never does.
+    d_weight = dy.t().mm(x.to(dy.dtype)).to(weight.dtype) if weight_scale is None and needs[2] else None
+    d_bias = dy.sum(0) if needs[leading - 2] and ctx.has_bias else None
+    adapter_grads = []
+    for i in range(n):
+        ga = d_a[i] if adapter_needs[3 * i] else None
+        gb = d_b[i] if adapter_needs[3 * i + 1] else None
+        gbb = dy.sum(0) * ctx.scaling[i] if ctx.lora_b_bias_present[i] and adapter_needs[3 * i + 2] else None
+        adapter_grads += [ga, gb, gbb]
+    return dx, d_weight, d_bias, adapter_grads
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -78,81 +131,36 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = dY·W + Σ_a m_a ⊙ (s_a·dY·B_a·A_a)/(1-p_a)     dW = dYᵀ·x (only if W trains)     db = Σ_m dY
         dA_a = (s_a·dY·B_a)ᵀ·x̂_a     dB_a = s_a·dYᵀ·S_a     db_Ba = s_a·Σ_m dY
 
-    Saved: x and the parameters (references, no copies), S_a (M×r_a, fp32) and the seeds: no mask, no x̂.
-    ``meta`` = (scaling, dropout_p) comes first because the adapter tensors are variadic
-    (``*adapter_tensors`` = A_1, B_1, b_B1, A_2, …) so that autograd sees each one as an input.
+    Saved: x and the parameters (references, no copies), S_a (M×r_a, fp32) and the seeds; the 1-byte dropout
+    masks only where the forward op kept them (CPU); never x̂. ``meta`` = (scaling, dropout_p) comes first
+    because the adapter tensors are variadic (``*adapter_tensors`` = A_1, B_1, b_B1, A_2, …) so that autograd
+    sees each one as an input.
     """
 
     @staticmethod
     def forward(ctx, meta, x, weight, bias, seeds, *adapter_tensors):
-        scaling, dropout_p = meta
-        lora_a = list(adapter_tensors[0::_TENSORS_PER_ADAPTER])
-        lora_b = list(adapter_tensors[1::_TENSORS_PER_ADAPTER])
-        lora_b_bias = list(adapter_tensors[2::_TENSORS_PER_ADAPTER])
-        keep_masks = None
-        if seeds is not None and _eager_cpu(x):
-            # Eager CPU with dropout: draw the masks once and keep them (1 byte per element) instead of
-            # regenerating them in backward; see backends/reference/lora.py cpu_keep_masks for the measurement.
-            keep_masks = _reference.cpu_keep_masks(x, dropout_p, seeds)
-            y, saved_s = _reference.lora_linear_fwd(
-                x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, keep_masks=keep_masks
-            )
-        else:
-            y, saved_s = _call_fwd(x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds)
-        ctx.mask_slots = [m is not None for m in keep_masks] if keep_masks is not None else None
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        ctx.forced_backend = _dispatch.forced_backend()
-        ctx.n_adapters = len(lora_a)
-        ctx.has_bias = bias is not None
-        ctx.lora_b_bias_present = [t is not None for t in lora_b_bias]
-        stored_masks = [m for m in keep_masks if m is not None] if keep_masks is not None else []
-        ctx.save_for_backward(x, weight, seeds, *lora_a, *lora_b, *saved_s, *stored_masks)
-        return y
+        return _forward(ctx, meta, x, weight, None, bias, seeds, adapter_tensors)
 
     @staticmethod
     def backward(ctx, dy):
-        n = ctx.n_adapters
-        x, weight, seeds, *rest = ctx.saved_tensors
-        lora_a, lora_b, saved_s = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n]
-        keep_masks = None
-        if ctx.mask_slots is not None:
-            stored = iter(rest[3 * n :])
-            keep_masks = [next(stored) if present else None for present in ctx.mask_slots]
-        needs = ctx.needs_input_grad
-        adapter_needs = needs[_LEADING_INPUTS:]
-        need_adapters = any(adapter_needs[i] or adapter_needs[i + 1] for i in range(0, 3 * n, 3))
-        output_mask = [needs[1], need_adapters]
-        if keep_masks is not None:
-            dx, d_a, d_b = _reference.lora_linear_bwd(
-                dy,
-                x,
-                weight,
-                lora_a,
-                lora_b,
-                saved_s,
-                ctx.scaling,
-                ctx.dropout_p,
-                seeds,
-                output_mask,
-                keep_masks=keep_masks,
-            )
-        else:
-            dx, d_a, d_b = _dispatch.run_with_backend(
-                ctx.forced_backend,
-                _call_bwd,
-                dy, x, weight, lora_a, lora_b, saved_s, ctx.scaling, ctx.dropout_p, seeds, output_mask,
-            )  # fmt: skip
-        d_weight = dy.t().mm(x.to(dy.dtype)).to(weight.dtype) if needs[2] else None
-        d_bias = dy.sum(0).to(dy.dtype) if needs[3] and ctx.has_bias else None
-        adapter_grads = []
-        for i in range(n):
-            ga = d_a[i] if adapter_needs[3 * i] else None
-            gb = d_b[i] if adapter_needs[3 * i + 1] else None
-            gbb = None
-            if ctx.lora_b_bias_present[i] and adapter_needs[3 * i + 2]:
-                gbb = dy.sum(0) * ctx.scaling[i]
-            adapter_grads += [ga, gb, gbb]
+        dx, d_weight, d_bias, adapter_grads = _backward(ctx, dy, leading=5)
         return (None, dx, d_weight, d_bias, None, *adapter_grads)
+
+
+class LoraLinearInt8Function(torch.autograd.Function):
+    """``LoraLinearFunction`` on an int8 base: W = weight_int8 · weight_scale[:, None] (frozen: no dW).
+
+    Inputs: meta, x, weight_int8, weight_scale, bias, seeds, *adapter tensors (``weight`` replaced by the pair).
+    """
+
+    @staticmethod
+    def forward(ctx, meta, x, weight_int8, weight_scale, bias, seeds, *adapter_tensors):
+        return _forward(ctx, meta, x, weight_int8, weight_scale, bias, seeds, adapter_tensors)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, _, d_bias, adapter_grads = _backward(ctx, dy, leading=6)
+        return (None, dx, None, None, d_bias, None, *adapter_grads)
 
 
 def _draw_seeds(n: int, device: torch.device) -> torch.Tensor:
@@ -171,12 +179,16 @@ def lora_linear_multi(
     dropout_p: Sequence[float],
     training: bool = False,
     backend: Optional[str] = None,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = x·Wᵀ + b + Σ_a s_a·(drop_a(x)·A_aᵀ·B_aᵀ + b_Ba) for several active adapters, x of shape (*, K).
 
-    Dropout applies only when ``training``; the mask is regenerated from a seed in backward.
+    W = weight (N, K), or weight_int8 · weight_scale[:, None] when ``weight_scale`` (N,) fp32 is given (int8 base,
+    ``formats.py``). Dropout applies only when ``training``.
     """
     _check_shapes(x, weight, bias, lora_a, lora_b, dropout_p)
+    if weight_scale is not None and (error := weight_format_error(weight, weight_scale)) is not None:
+        raise ValueError(error)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     p_eff = [float(p) if training else 0.0 for p in dropout_p]
     seeds = _draw_seeds(len(lora_a), x.device) if any(p > 0.0 for p in p_eff) else None
@@ -185,14 +197,18 @@ def lora_linear_multi(
         adapter_tensors = []
         for a, b, bb in zip(lora_a, lora_b, lora_b_bias):
             adapter_tensors += [a, b, bb]
-        y = _dispatch.run_with_backend(
-            backend, LoraLinearFunction.apply, (scaling, p_eff), x2d, weight, bias, seeds, *adapter_tensors
-        )
+        meta = (scaling, p_eff)
+        if weight_scale is None:
+            args = (LoraLinearFunction.apply, meta, x2d, weight, bias, seeds, *adapter_tensors)
+        else:
+            args = (LoraLinearInt8Function.apply, meta, x2d, weight, weight_scale, bias, seeds, *adapter_tensors)
+        y = _dispatch.run_with_backend(backend, *args)
     else:
         # Inference: nothing to save, no autograd node; the forward op alone.
         y, _ = _dispatch.run_with_backend(
-            backend, _call_fwd, x2d, weight, bias, list(lora_a), list(lora_b), list(lora_b_bias), scaling, p_eff, seeds
-        )
+            backend, torch.ops.peft_kernels.lora_linear_fwd,
+            x2d, weight, bias, list(lora_a), list(lora_b), list(lora_b_bias), scaling, p_eff, seeds, weight_scale,
+        )  # fmt: skip
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -211,6 +227,7 @@ def lora_linear(
     training: bool = False,
     backend: Optional[str] = None,
     lora_b_bias: Optional[torch.Tensor] = None,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = x·Wᵀ + b + scaling·(drop(x)·lora_aᵀ·lora_bᵀ + lora_b_bias).
 
@@ -218,11 +235,61 @@ def lora_linear(
         x: (*, K).  weight: (N, K).  bias: (N,) or None.  lora_a: (r, K).  lora_b: (N, r).
         scaling: s.  dropout_p: p in [0, 1), applied to the LoRA input only, only when ``training``.
         backend: "reference", "triton", "cuda" or None (then ``PEFT_KERNELS_BACKEND``, then the best available).
+        weight_scale: None (float weight), or (N,) fp32 for an int8 ``weight``: W = weight · weight_scale[:, None].
     Returns: (*, N) in x's dtype.
     """
     return lora_linear_multi(
-        x, weight, bias, [lora_a], [lora_b], [lora_b_bias], [scaling], [dropout_p], training, backend
+        x, weight, bias, [lora_a], [lora_b], [lora_b_bias], [scaling], [dropout_p], training, backend, weight_scale
     )
+
+
+def lora_linear_int8_multi(
+    x: torch.Tensor,
+    weight_int8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    lora_b_bias: Sequence[torch.Tensor | None],
+    scaling: Sequence[float],
+    dropout_p: Sequence[float],
+    training: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``lora_linear_multi`` on an int8 base: W = weight_int8 · weight_scale[:, None] (int8 (N, K), fp32 (N,))."""
+    if weight_scale is None or (error := weight_format_error(weight_int8, weight_scale)) is not None:
+        raise ValueError(error or "weight_scale is required for an int8 weight")
+    return lora_linear_multi(
+        x, weight_int8, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, training, backend, weight_scale
+    )
+
+
+def lora_linear_int8(
+    x: torch.Tensor,
+    weight_int8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+    lora_b_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x·W_deqᵀ + b + scaling·(drop(x)·lora_aᵀ·lora_bᵀ + lora_b_bias), W_deq = weight_int8·weight_scale[:, None].
+
+    Args:
+        x: (*, K) fp16/bf16 (fp32/fp64 on the reference).  weight_int8: (N, K) int8.  weight_scale: (N,) fp32.
+        bias: (N,) in x's dtype, or None.  lora_a: (r, K).  lora_b: (N, r).
+        scaling: s.  dropout_p: p in [0, 1), applied to the LoRA input only, only when ``training``.
+        backend: "reference", "triton", "cuda" or None (then ``PEFT_KERNELS_BACKEND``, then the best available).
+    Returns: (*, N) in x's dtype. No gradient flows to ``weight_int8`` or ``weight_scale``.
+    """
+    return lora_linear_int8_multi(
+        x, weight_int8, weight_scale, bias, [lora_a], [lora_b], [lora_b_bias], [scaling], [dropout_p], training,
+        backend,
+    )  # fmt: skip
 
 
 def _check_shapes(x, weight, bias, lora_a, lora_b, dropout_p) -> None:

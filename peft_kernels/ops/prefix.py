@@ -1,13 +1,13 @@
 """Prefix key/value writes as registered (mutating) ops plus their autograd Functions.
 
-``prefix_kv_write`` (public) → ``PrefixFillFunction`` → ``torch.ops.peft_kernels.prefix_kv_fill`` (forward) and
-``prefix_kv_fill_bwd`` (backward); ``kv_append`` (public) → ``KvAppendFunction`` → ``torch.ops.peft_kernels.kv_append``.
+``prefix_kv_fill`` (public; ``prefix_kv_write`` is its former name) → ``PrefixFillFunction`` →
+``torch.ops.peft_kernels.prefix_kv_fill`` (forward) and ``prefix_kv_fill_bwd`` (backward); ``kv_append`` (public) → ``KvAppendFunction`` → ``torch.ops.peft_kernels.kv_append``.
 Shapes and semantics: ``backends/reference/prefix.py``.
 
 How a cache uses them (``layers/prefix.py`` ``PrefixKVBuffers``, ``tuners/prefix_cache_builder.py``)::
 
     k_bufs = [torch.empty(B, Hkv, P + T_max, hd) for each layer]; v_bufs likewise   # torch's allocator
-    k_bufs, v_bufs = prefix_kv_write(prefix, k_bufs, v_bufs)          # once per forward, one launch
+    k_bufs, v_bufs = prefix_kv_fill(prefix, k_bufs, v_bufs)           # once per forward, one launch
     k_l, v_l = kv_append(k_bufs[l], v_bufs[l], k, v, offset=P + seen)  # per layer and step
     keys, values = k_l[:, :, : P + seen + T], v_l[:, :, : P + seen + T]  # views for attention
 
@@ -51,11 +51,11 @@ def _fill_bwd_fake(dk_bufs, dv_bufs, prefix_len):
     return first.new_empty((len(dk_bufs), 2, first.shape[1], prefix_len, first.shape[3]))
 
 
-# Mutated buffers are declared in the schemas (Tensor(a!)), so functionalization, torch.compile and opcheck see
-# the writes; the two lists get distinct alias sets because a layer's K and V buffers never alias.
-define_op("prefix_kv_fill", "(Tensor prefix, Tensor(a!)[] k_bufs, Tensor(b!)[] v_bufs) -> ()", _fill_fake)
-define_op("kv_append", "(Tensor(a!) k_buf, Tensor(b!) v_buf, Tensor k, Tensor v, int offset) -> ()", _append_fake)
-define_op("prefix_kv_fill_bwd", "(Tensor[] dk_bufs, Tensor[] dv_bufs, int P) -> Tensor", _fill_bwd_fake)
+# Schemas in backends/__init__.py: mutated buffers are declared there (Tensor(a!)), so functionalization,
+# torch.compile and opcheck see the writes.
+define_op("prefix_kv_fill", _fill_fake)
+define_op("kv_append", _append_fake)
+define_op("prefix_kv_fill_bwd", _fill_bwd_fake)
 
 
 def _zero_rows(grad: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -139,7 +139,7 @@ def _needs_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def prefix_kv_write(
+def prefix_kv_fill(
     prefix: torch.Tensor,
     k_bufs: Sequence[torch.Tensor],
     v_bufs: Sequence[torch.Tensor],
@@ -161,6 +161,9 @@ def prefix_kv_write(
     else:
         _dispatch.run_with_backend(backend, torch.ops.peft_kernels.prefix_kv_fill, prefix, k_bufs, v_bufs)
     return k_bufs, v_bufs
+
+
+prefix_kv_write = prefix_kv_fill  # the name before it matched its op's
 
 
 def kv_append(

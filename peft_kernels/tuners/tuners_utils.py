@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from ..layers._base import BaseTunerLayer, check_adapters_to_merge  # noqa: F401 - PEFT exposes them here
+from ..layers._base import BaseTunerLayer, check_adapters_to_merge, is_conv1d  # noqa: F401 - PEFT exposes them here
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
 from ..utils.other import ModulesToSaveWrapper, _get_submodules
 from ..utils.peft_types import TaskType
@@ -98,12 +98,7 @@ def _model_config_dict(model: nn.Module) -> dict:
     return dict(config) if isinstance(config, dict) else {"model_type": "custom"}
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers missing or broken: no Conv1D layers can exist then
-        return False
-    return isinstance(module, Conv1D)
+_is_conv1d = is_conv1d  # the one Conv1D test, layers/_base.py (the name tuners/lora/model.py imports)
 
 
 def expand_all_linear(peft_config, model: nn.Module):

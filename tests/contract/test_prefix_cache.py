@@ -70,7 +70,7 @@ def calls(monkeypatch):
         counts["realloc"] += 1
         return real_realloc(self, *args)
 
-    monkeypatch.setattr(layers_prefix, "prefix_kv_write", write)
+    monkeypatch.setattr(layers_prefix, "prefix_kv_fill", write)  # ops.prefix_kv_write is its alias
     monkeypatch.setattr(layers_prefix, "kv_append", append)
     monkeypatch.setattr(layers_prefix.KVBuffer, "_replace", realloc)
     return counts

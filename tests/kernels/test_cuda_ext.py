@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fatbin import list_archs
 from _tolerances import assert_close_to_ref
 
 from peft_kernels.backends import cuda as cuda_backend
-from peft_kernels.backends.cuda import _fatbin, _launch
+from peft_kernels.backends.cuda import _launch
 from peft_kernels.backends.cuda import lora as cuda_lora
 from peft_kernels.backends.cuda import lora_int8 as cuda_lora_int8
 from peft_kernels.backends.cuda import prefix as cuda_prefix
@@ -85,7 +86,7 @@ def test_build_info_and_dtype_mirror():
 def test_cubins_and_ptx_present():
     """Every arch build_info names has a cubin in the .nv_fatbin section, the highest one also as PTX."""
     info = cuda_backend.extension().build_info()
-    found = _fatbin.list_archs(_so_path())
+    found = list_archs(_so_path())
     built = {int(a.rstrip("a")) for a in info["cuda_archs"].split(";")}
     assert built <= set(found["elf"]), found
     assert int(info["cuda_ptx"]) in found["ptx"], found
@@ -100,7 +101,7 @@ def test_fatbin_reader_agrees_with_cuobjdump():
         pytest.skip("cuobjdump not found (CUDA toolkit or the nvidia-cuda-cuobjdump wheel)")
     listing = subprocess.run([tool, "--list-elf", _so_path()], capture_output=True, text=True, check=True).stdout
     archs = {int(a) for a in re.findall(r"\.sm_(\d+)a?\.cubin", listing)}
-    assert archs == set(_fatbin.list_archs(_so_path())["elf"])
+    assert archs == set(list_archs(_so_path())["elf"])
 
 
 @needs_ext
@@ -164,8 +165,8 @@ def test_arch_coverage_rule():
 def test_cpu_tensors_are_declined_with_a_reason():
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     args = (x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), None, [], [], [], [], [], None)
-    assert cuda_backend.not_supported_reasons("lora_linear_int8_fwd", *args) == ["tensors are on cpu, not CUDA"]
-    assert "no CUDA C++ kernel" in cuda_backend.not_supported_reasons("lora_linear_int8_bwd", x)[0]
+    assert cuda_lora_int8.not_supported_reasons("lora_linear_int8_fwd", *args) == ["tensors are on cpu, not CUDA"]
+    assert "no CUDA C++ kernel" in cuda_lora_int8.not_supported_reasons("lora_linear_int8_bwd", x)[0]
 
 
 @pytest.fixture
@@ -272,7 +273,8 @@ def _require_cuda_backend():
 
 
 def _dispatched_backend(op_name, *args):
-    return next(name for name in _dispatch.PRIORITY[op_name] if not _dispatch.call_reasons(name, op_name, *args))
+    ops = _dispatch.PRIORITY[_dispatch.ALIASES[op_name][0] if op_name in _dispatch.ALIASES else op_name]
+    return next(name for name in ops if not _dispatch.call_reasons(name, op_name, *args))
 
 
 @pytest.mark.gpu
@@ -316,7 +318,7 @@ def test_gpu_lora_fwd_matches_reference(m, k, n, r, dtype):
     a, b = torch.randn(r, k, device=dev, dtype=dtype), torch.randn(n, r, device=dev, dtype=dtype)
     args = (x, w, None, [a], [b], [None], [2.0], [0.0], None)
     y, _ = cuda_lora.lora_linear_fwd(*args)
-    eager, _ = _dispatch._backend_module("reference").get_impl("lora_linear_fwd")(*args)
+    eager, _ = _dispatch.implementation("reference", "lora_linear_fwd")(*args)
     truth = x.float() @ w.float().t() + 2.0 * (x.float() @ a.float().t()) @ b.float().t()
     assert_close_to_ref(y, eager, truth, dtype, "y")
 

@@ -216,10 +216,9 @@ def test_compile_fullgraph(device, compile_backend):
 
 def _backend_call(backend, inp, seeds, dy):
     """(y, S, dx, dA, dB) of backend ``backend``'s functions called directly (no dispatch fallback)."""
-    mod = _dispatch._backend_module(backend)
     args = (inp["x"], inp["weight"], inp["bias"], [inp["lora_a"]], [inp["lora_b"]], [inp["lora_b_bias"]])
-    y, (shrink,) = mod.get_impl("lora_linear_fwd")(*args, [inp["scaling"]], [inp["p"]], seeds)
-    dx, (d_a,), (d_b,) = mod.get_impl("lora_linear_bwd")(
+    y, (shrink,) = _dispatch.implementation(backend, "lora_linear_fwd")(*args, [inp["scaling"]], [inp["p"]], seeds)
+    dx, (d_a,), (d_b,) = _dispatch.implementation(backend, "lora_linear_bwd")(
         dy, inp["x"], inp["weight"], [inp["lora_a"]], [inp["lora_b"]], [shrink], [inp["scaling"]], [inp["p"]], seeds,
         [True, True],
     )  # fmt: skip
@@ -301,3 +300,87 @@ def test_ops_lora_linear_autograd_cuda_matches_reference(monkeypatch):
     for name in grads:
         scale = grads_ref[name].abs().max().clamp_min(1.0)
         assert_close(grads[name] / scale, grads_ref[name] / scale, HALF_SAME_MATH[torch.bfloat16], f"d{name}")
+
+
+# ---- automatic choice on CUDA tensors (capabilities monkeypatched: no GPU needed) ------------------------------
+
+
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    """Every backend available, every tensor seen as a CUDA tensor, the CUDA decode checks' device test passed and
+    Triton's device test skipped (as under the interpreter): what is left are the real shape/dtype checks."""
+    tri = pytest.importorskip("peft_kernels.backends.triton.lora")
+    from peft_kernels.backends.cuda import lora as cuda_lora
+
+    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda name: None)
+    monkeypatch.setattr(_dispatch, "_device_type", lambda args: "cuda")
+    monkeypatch.setattr(cuda_lora, "device_reasons", lambda anchor, **tensors: [])
+    monkeypatch.setattr(tri, "interpreting", lambda: True)
+    _dispatch.clear_choices()
+    yield
+    _dispatch.clear_choices()
+
+
+@pytest.mark.parametrize(
+    "m, p, expected", [(1, 0.0, "cuda"), (16, 0.0, "cuda"), (17, 0.0, "triton"), (1, 0.1, "triton")]
+)
+def test_cuda_tensors_decode_rows_go_to_the_cuda_op_first(pretend_cuda, m, p, expected):
+    """#15: on CUDA tensors M <= 16 (inference, fp16/bf16) runs the CUDA decode GEMV, dense or int8 weight; larger M
+    and dropout go to Triton; the backward, which has no CUDA kernel, to Triton."""
+    x = torch.randn(m, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    cb, scale = torch.randint(-127, 128, (32, 64), dtype=torch.int8), torch.rand(32)
+    a, b = torch.randn(8, 64, dtype=torch.bfloat16), torch.randn(32, 8, dtype=torch.bfloat16)
+    seeds = torch.tensor([5]) if p > 0 else None
+    adapters = ([a], [b], [None], [1.0], [p], seeds)
+    assert _dispatch.PRIORITY["lora_linear_fwd"][0] == "cuda"
+    assert _dispatch.chosen_backend("lora_linear_fwd", x, w, None, *adapters) == expected
+    assert _dispatch.chosen_backend("lora_linear_int8_fwd", x, cb, scale, None, *adapters) == expected
+    dy, s = torch.randn(m, 32, dtype=torch.bfloat16), torch.zeros(m, 8)
+    bwd_args = (dy, x, w, [a], [b], [s], [1.0], [p], seeds, [True, True])
+    assert _dispatch.chosen_backend("lora_linear_bwd", *bwd_args) == "triton"
+
+
+# ---- one route on every device: the CPU dropout masks travel through the ops ----------------------------------
+
+
+def test_kept_masks_are_the_regenerated_ones_and_give_the_same_gradients():
+    """keep_masks=True: the forward op returns each adapter's 1-byte mask (p > 0 only) after the S_a; the backward
+    op finds them in saved_s. Same bits as the mask regenerated from the seed, so the same gradients, bitwise."""
+    case = LoraCase("km", 9, 33, 12, 4, torch.float32)
+    inp = make_lora_inputs(case)
+    a2, b2 = torch.randn(3, 33), torch.randn(12, 3)
+    seeds = torch.tensor([11, 12], dtype=torch.int64)
+    fwd = (inp["x"], inp["weight"], None, [inp["lora_a"], a2], [inp["lora_b"], b2], [None, None], [2.0, 0.5])
+    dropout_p = [0.25, 0.0]  # the second adapter has no dropout, hence no mask
+    y, saved = torch.ops.peft_kernels.lora_linear_fwd(*fwd, dropout_p, seeds, None, True)
+    y_regen, saved_regen = torch.ops.peft_kernels.lora_linear_fwd(*fwd, dropout_p, seeds)
+    assert len(saved) == 3 and len(saved_regen) == 2 and saved[2].dtype == torch.bool
+    assert torch.equal(y, y_regen)
+    expected_mask = ref._keep_mask(inp["x"], 0.25, seeds, 0)
+    assert torch.equal(saved[2], expected_mask) and 0 < int(saved[2].sum()) < saved[2].numel()
+    dy = torch.randn(9, 12)
+    bwd = (dy, inp["x"], inp["weight"], [inp["lora_a"], a2], [inp["lora_b"], b2])
+    kept = torch.ops.peft_kernels.lora_linear_bwd(*bwd, saved, [2.0, 0.5], dropout_p, seeds, [True, True])
+    regen = torch.ops.peft_kernels.lora_linear_bwd(*bwd, saved_regen, [2.0, 0.5], dropout_p, seeds, [True, True])
+    assert torch.equal(kept[0], regen[0])
+    for got, want in zip(kept[1] + kept[2], regen[1] + regen[2]):
+        assert torch.equal(got, want)
+
+
+def test_cpu_function_keeps_masks_and_calls_the_ops(monkeypatch):
+    """ops.lora_linear on CPU with dropout goes through torch.ops (no side channel) and the forward keeps masks."""
+    calls = []
+    real = ref.lora_linear_fwd
+
+    def recording(*args):
+        calls.append(args[10] if len(args) > 10 else False)
+        return real(*args)
+
+    monkeypatch.setattr(ref, "lora_linear_fwd", recording)
+    _dispatch.clear_choices()
+    x = torch.randn(5, 16, requires_grad=True)
+    a = torch.randn(4, 16, requires_grad=True)
+    y = ops.lora_linear(x, torch.randn(8, 16), None, a, torch.randn(8, 4), 2.0, 0.1, training=True)
+    y.sum().backward()
+    assert calls == [True] and x.grad is not None and a.grad is not None

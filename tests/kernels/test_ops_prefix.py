@@ -191,3 +191,9 @@ def test_opcheck_cpu(dtype):
     k, v = torch.randn(2, 3, 5, 8, dtype=dtype), torch.randn(2, 3, 5, 8, dtype=dtype)
     torch.library.opcheck(torch.ops.peft_kernels.kv_append.default, (k_bufs[0], v_bufs[0], k, v, 4))
     torch.library.opcheck(torch.ops.peft_kernels.prefix_kv_fill_bwd.default, (k_bufs, v_bufs, 4))
+
+
+def test_prefix_kv_fill_is_the_public_name_and_prefix_kv_write_its_alias():
+    from peft_kernels import ops
+
+    assert ops.prefix_kv_write is ops.prefix_kv_fill

@@ -337,6 +337,7 @@ else:
     triton = pytest.importorskip("triton")
     from peft_kernels import ops
     from peft_kernels.backends.reference.dropout import philox_on_cpu
+    from peft_kernels.backends.triton import lora as tri
     from peft_kernels.backends.triton import lora_int8 as tri8
 
     pytestmark = pytest.mark.interpret
@@ -401,7 +402,8 @@ else:
         """ops.lora_linear_int8(backend="triton") on 3-D x with dropout and b_B: one Triton forward and one Triton
         backward (the Function re-enters the forced backend), y and every gradient within the 2x rule."""
         calls = {"fwd": 0, "bwd": 0}
-        real_fwd, real_bwd = tri8.lora_linear_int8_fwd, tri8.lora_linear_int8_bwd
+        # The int8 weight runs on the one LoRA op's Triton functions (lora.py), weight_scale given.
+        real_fwd, real_bwd = tri.lora_linear_fwd, tri.lora_linear_bwd
 
         def counting(kind, real):
             def call(*args):
@@ -410,8 +412,8 @@ else:
 
             return call
 
-        monkeypatch.setattr(tri8, "lora_linear_int8_fwd", counting("fwd", real_fwd))
-        monkeypatch.setattr(tri8, "lora_linear_int8_bwd", counting("bwd", real_bwd))
+        monkeypatch.setattr(tri, "lora_linear_fwd", counting("fwd", real_fwd))
+        monkeypatch.setattr(tri, "lora_linear_bwd", counting("bwd", real_bwd))
         case = LoraCase("ops-3d", 2 * 9, 33, 40, 8, torch.bfloat16, p=0.1, lora_bias=True)
         inp = make_int8_inputs(case)
         g = torch.randn(2, 9, case.N, generator=torch.Generator().manual_seed(4))

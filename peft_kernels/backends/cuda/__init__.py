@@ -12,17 +12,15 @@ Per-call limits (shape, dtype, alignment, compute capability) are each module's 
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 
 from ._launch import ABI_VERSION
 
 logger = logging.getLogger("peft_kernels")
 
-# op name -> module under backends/cuda/ that defines a function of the same name
-_OP_MODULES: dict[str, str] = {
+# op name -> module under backends/cuda/ that defines a function of the same name (and the capability check)
+IMPLEMENTATIONS = {
     "lora_linear_fwd": "lora",
-    "lora_linear_int8_fwd": "lora_int8",
     "prefix_kv_fill": "prefix",
     "kv_append": "prefix",
     "prefix_kv_fill_bwd": "prefix",
@@ -76,15 +74,3 @@ def _unavailable_reason() -> str | None:
     except Exception as exc:  # a broken runtime is a reason, never a crash at dispatch
         return f"peft_kernels._C.runtime_check() failed ({type(exc).__name__}: {exc})"
     return problem or None
-
-
-def get_impl(op_name: str):
-    module = importlib.import_module(f"{__name__}.{_OP_MODULES[op_name]}")
-    return getattr(module, op_name)
-
-
-def not_supported_reasons(op_name: str, *args) -> list[str]:
-    if op_name not in _OP_MODULES:
-        return [f"no CUDA C++ kernel for {op_name}"]
-    module = importlib.import_module(f"{__name__}.{_OP_MODULES[op_name]}")
-    return module.not_supported_reasons(op_name, *args)

@@ -38,11 +38,6 @@ def launch(launcher, device: torch.device, *args) -> None:
         launcher(*args, device.index, torch.cuda.current_stream(device).cuda_stream)
 
 
-def raise_if(op_name: str, reasons: list[str]) -> None:
-    if reasons:
-        raise ValueError(f"CUDA C++ backend cannot run {op_name}: {'; '.join(reasons)}")
-
-
 def _arch_runs(capability: tuple[int, int], cubin_archs: str, ptx_archs: str) -> bool:
     """A cubin sm_XY runs on X.Y' with Y' >= Y (same major); PTX compute_XY is JIT-compiled for any cc >= X.Y."""
     major, minor = capability

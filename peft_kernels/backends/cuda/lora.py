@@ -1,16 +1,18 @@
-"""CUDA C++ ``lora_linear_fwd`` for decode shapes (M <= 16): ``_C.lora_linear_fwd_launch`` (csrc/lora.cu).
+"""CUDA C++ ``lora_linear_fwd`` for decode shapes (M <= 16): ``_C.lora_linear_fwd_launch`` (csrc/lora.cu) for a
+dense weight, ``_C.lora_linear_int8_fwd_launch`` (csrc/lora_int8.cu) for an int8 one (``formats.py``).
 
 Same signature and semantics as ``backends/reference/lora.py``; one shrink launch (S = x·Aᵀ, fp32) and one fused
 GEMV + LoRA epilogue launch. Serves at most one adapter without dropout (decode is inference); everything else
-is declined with a reason so the dispatcher moves on (Triton, then the reference). The small-M checks and the
-launch are shared with the int8 variant (``lora_int8.py``).
+is declined by ``not_supported_reasons`` so the dispatcher moves on (Triton, then the reference). It comes first
+on CUDA tensors: at M <= 16 the GEMV streams W once, which is what decode needs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._launch import CHUNK_K, DTYPE, HALF_DTYPES, SMALL_M_MAX, aligned, device_reasons, launch, ptr, raise_if
+from .. import bind
+from ._launch import CHUNK_K, DTYPE, HALF_DTYPES, SMALL_M_MAX, aligned, device_reasons, launch, ptr
 
 
 def small_m_reasons(x, weight, bias, lora_a, lora_b, lora_b_bias, dropout_p, weight_dtype) -> list[str]:
@@ -104,10 +106,20 @@ def run_small_m(launcher, x, weight, weight_scale, bias, lora_a, lora_b, lora_b_
 
 
 def not_supported_reasons(op_name: str, *args) -> list[str]:
-    if op_name != "lora_linear_fwd":
-        return [f"no CUDA C++ kernel for {op_name}"]
-    x, weight, bias, lora_a, lora_b, lora_b_bias, _scaling, dropout_p, _seeds = args
-    return small_m_reasons(x, weight, bias, lora_a, lora_b, lora_b_bias, dropout_p, weight_dtype=x.dtype)
+    """Every reason the decode kernels cannot run this ``lora_linear_fwd`` call (empty: they can)."""
+    call = bind(op_name, args)
+    weight_dtype = call.x.dtype if call.weight_scale is None else torch.int8
+    reasons = small_m_reasons(
+        call.x, call.weight, call.bias, call.lora_a, call.lora_b, call.lora_b_bias, call.dropout_p, weight_dtype
+    )
+    if reasons and reasons[0].startswith("tensors are on"):
+        return reasons
+    scale = call.weight_scale
+    if scale is not None and (scale.dtype != torch.float32 or scale.stride(0) != 1 or scale.device != call.x.device):
+        reasons.append("weight_scale must be a dense float32 vector on x's device")
+    if call.keep_masks and any(p > 0.0 for p in call.dropout_p):
+        reasons.append("keep_masks=True (the decode kernel has no dropout)")
+    return reasons
 
 
 def lora_linear_fwd(
@@ -120,13 +132,17 @@ def lora_linear_fwd(
     scaling: list[float],
     dropout_p: list[float],
     seeds: torch.Tensor | None,
+    weight_scale: torch.Tensor | None = None,
+    keep_masks: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """y = x·Wᵀ + b + s·(x·Aᵀ·Bᵀ + b_B), (M <= 16, K % 16 == 0, fp16/bf16, <= 1 adapter, p = 0); returns (y, [S]).
 
-    Args as ``backends/reference/lora.lora_linear_fwd``. Raises ValueError listing every unmet condition before
-    launching anything.
+    W = weight, or weight · weight_scale[:, None] for an int8 weight (the int8 rows streamed once and converted in
+    registers). Args as ``backends/reference/lora.lora_linear_fwd``; the call must pass ``not_supported_reasons``
+    (the dispatcher's choice), it is not checked again here.
     """
     from . import extension
 
-    raise_if("lora_linear_fwd", small_m_reasons(x, weight, bias, lora_a, lora_b, lora_b_bias, dropout_p, x.dtype))
-    return run_small_m(extension().lora_linear_fwd_launch, x, weight, None, bias, lora_a, lora_b, lora_b_bias, scaling)
+    ext = extension()
+    launcher = ext.lora_linear_fwd_launch if weight_scale is None else ext.lora_linear_int8_fwd_launch
+    return run_small_m(launcher, x, weight, weight_scale, bias, lora_a, lora_b, lora_b_bias, scaling)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import DTYPE, FLOAT_DTYPES, device_reasons, launch, raise_if
+from ._launch import DTYPE, FLOAT_DTYPES, device_reasons, launch
 
 _MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y (heads) and gridDim.z (2 × batch in kv_append)
 
@@ -80,7 +80,6 @@ def prefix_kv_fill(prefix: torch.Tensor, k_bufs: list[torch.Tensor], v_bufs: lis
     """
     from . import extension
 
-    raise_if("prefix_kv_fill", _fill_reasons(prefix, k_bufs, v_bufs))
     if not k_bufs:
         return
     batch, heads, _rows, head_dim = k_bufs[0].shape
@@ -107,7 +106,6 @@ def kv_append(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torc
     """
     from . import extension
 
-    raise_if("kv_append", _append_reasons(k_buf, v_buf, k, v))
     batch, heads, rows, head_dim = k.shape
     launch(
         extension().kv_append_launch,
@@ -134,7 +132,6 @@ def prefix_kv_fill_bwd(dk_bufs: list[torch.Tensor], dv_bufs: list[torch.Tensor],
     """out[l, 0] = Σ_b dK_l[b, :, :P], out[l, 1] = Σ_b dV_l[b, :, :P] (b in order, fp32); (L, 2, Hkv, P, hd)."""
     from . import extension
 
-    raise_if("prefix_kv_fill_bwd", _fill_bwd_reasons(dk_bufs, dv_bufs))
     first = dk_bufs[0]
     batch, heads, _rows, head_dim = first.shape
     out = torch.empty((len(dk_bufs), 2, heads, prefix_len, head_dim), dtype=first.dtype, device=first.device)

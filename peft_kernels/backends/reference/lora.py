@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ...formats import dequantize
 from .dropout import dropout_keep_mask
 
 
@@ -35,15 +36,9 @@ def _keep_mask(x: torch.Tensor, p: float, seeds, index: int) -> torch.Tensor:
     return dropout_keep_mask(seeds[index], x.shape[0], x.shape[1], p, x.device)
 
 
-def cpu_keep_masks(x: torch.Tensor, dropout_p: list[float], seeds) -> list[torch.Tensor | None]:
-    """[m_a] bool (M, K) per adapter (None where p_a == 0): the masks of ``dropout.dropout_keep_mask``.
-
-    Eager CPU calls (ops/lora.py) draw them once in the forward and keep them for the backward, 1 byte per
-    element: regenerating costs two more elementwise passes over M×K, which on CPU cost more than the whole
-    low-rank update (measured: 3 ms uniform + 11 ms compare per 512×768 mask on the 2-core CI box). The fused
-    GPU kernels regenerate instead and keep nothing.
-    """
-    return [None if p == 0.0 else _keep_mask(x, p, seeds, i) for i, p in enumerate(dropout_p)]
+def not_supported_reasons(op_name: str, *args) -> list[str]:
+    """The reference runs every call of its ops."""
+    return []
 
 
 def lora_linear_fwd(
@@ -56,9 +51,10 @@ def lora_linear_fwd(
     scaling: list[float],
     dropout_p: list[float],
     seeds: torch.Tensor | None,
-    keep_masks: list[torch.Tensor | None] | None = None,
+    weight_scale: torch.Tensor | None = None,
+    keep_masks: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """y = x·Wᵀ + b + Σ_a s_a·(x̂_a·A_aᵀ·B_aᵀ + b_Ba); returns (y, [S_a]).
+    """y = x·Wᵀ + b + Σ_a s_a·(x̂_a·A_aᵀ·B_aᵀ + b_Ba); returns (y, [S_a] + kept masks).
 
     Args:
         x: (M, K), any strides.
@@ -66,20 +62,25 @@ def lora_linear_fwd(
         bias: (N,) or None.
         lora_a: n tensors (r_a, K).  lora_b: n tensors (N, r_a).  lora_b_bias: n tensors (N,) or None.
         scaling, dropout_p: n floats.  seeds: int64 (n,) or None when every p is 0.
-        keep_masks: optional [m_a] from ``cpu_keep_masks`` (not part of the op schema: eager CPU calls only).
+        weight_scale: None for a float weight; else W = formats.dequantize(weight, weight_scale, x.dtype) (int8).
+        keep_masks: also return m_a (bool (M, K)) of every adapter with p_a > 0 after the S_a, for the backward.
+            On CPU regenerating a mask costs two more elementwise passes over M×K, more than the whole low-rank
+            update (measured: 3 ms uniform + 11 ms compare per 512×768 mask on the 2-core CI box), so CPU calls
+            keep them, 1 byte per element; the fused GPU kernels regenerate instead and keep nothing.
     Accumulates in promote_types(dtype, float32); y has x's dtype, S_a has acc_a.
     """
-    y = torch.nn.functional.linear(x, weight, bias)
-    saved_s = []
+    y = torch.nn.functional.linear(x, dequantize(weight, weight_scale, x.dtype), bias)
+    saved_s, masks = [], []
     for index, (a, b, b_bias, s, p) in enumerate(zip(lora_a, lora_b, lora_b_bias, scaling, dropout_p)):
         acc = _acc_dtype(a.dtype)
         x_cast = x if x.dtype == a.dtype else x.to(a.dtype)
         if p == 0.0:
             shrink = torch.mm(x_cast, a.t())  # [M, r]
         else:
-            # (m ⊙ x)·Aᵀ / (1-p): the 1/(1-p) goes on the small [M, r] product, not on x. The mask is the one
-            # the caller kept (eager CPU) or regenerated from the seed: the same bits, the same arithmetic.
-            keep = keep_masks[index] if keep_masks is not None else _keep_mask(x, p, seeds, index)
+            # (m ⊙ x)·Aᵀ / (1-p): the 1/(1-p) goes on the small [M, r] product, not on x.
+            keep = _keep_mask(x, p, seeds, index)
+            if keep_masks:
+                masks.append(keep)
             shrink = torch.mm(torch.mul(x_cast, keep), a.t()).mul_(1.0 / (1.0 - p))
         if shrink.dtype != acc:
             shrink = shrink.to(acc)
@@ -95,7 +96,7 @@ def lora_linear_fwd(
             if b_bias is not None:
                 update.add_(b_bias.to(acc))
             y = torch.add(y.to(acc), update, alpha=s).to(y.dtype)
-    return y, saved_s
+    return y, saved_s + masks
 
 
 def lora_linear_bwd(
@@ -109,19 +110,23 @@ def lora_linear_bwd(
     dropout_p: list[float],
     seeds: torch.Tensor | None,
     output_mask: list[bool],
-    keep_masks: list[torch.Tensor | None] | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
     """(dx, [dA_a], [dB_a]) of lora_linear_fwd; see the module docstring.
 
     Args:
         dy: (M, N).  x, weight, lora_a, lora_b, scaling, dropout_p, seeds: as in the forward.
-        saved_s: the forward's [S_a], (M, r_a) in acc_a.
+        saved_s: the forward's second output: [S_a], (M, r_a) in acc_a, then the kept masks if it kept them.
         output_mask: [need dx, need the adapter gradients]; what is not needed is not computed
             (dx None, lists empty).
+        weight_scale: as in the forward; W is only dequantized when dx is needed (its only consumer).
     dx has x's dtype; dA_a, dB_a the dtypes of A_a, B_a.
     """
     need_dx, need_adapters = output_mask
-    dx = torch.mm(dy, weight.to(dy.dtype)).to(x.dtype) if need_dx else None
+    n = len(lora_a)
+    kept = iter(saved_s[n:]) if len(saved_s) > n else None
+    saved_s = saved_s[:n]
+    dx = torch.mm(dy, dequantize(weight, weight_scale, x.dtype).to(dy.dtype)).to(x.dtype) if need_dx else None
     d_lora_a, d_lora_b = [], []
     for index, (a, b, shrink, s, p) in enumerate(zip(lora_a, lora_b, saved_s, scaling, dropout_p)):
         acc = _acc_dtype(a.dtype)
@@ -138,9 +143,9 @@ def lora_linear_bwd(
                 else:
                     dx = torch.add(dx.to(acc), torch.mm(d_shrink, a.to(acc))).to(x.dtype)
             continue
-        # Dropout: the kept (eager CPU) or regenerated mask; 1/(1-p) goes on dA [r, K] and on the add into dx,
-        # not on M×K tensors.
-        keep = keep_masks[index] if keep_masks is not None else _keep_mask(x, p, seeds, index)
+        # Dropout: the kept or the regenerated mask (the same bits); 1/(1-p) goes on dA [r, K] and on the add
+        # into dx, not on M×K tensors.
+        keep = next(kept) if kept is not None else _keep_mask(x, p, seeds, index)
         inv_keep = 1.0 / (1.0 - p)
         if need_adapters:
             d_lora_b.append(torch.mm(dy_acc.t(), shrink).mul_(s).to(b.dtype))  # [N, r]

@@ -7,13 +7,16 @@ runs on CPU tensors, for tests, and only when forced with ``backend="triton"``).
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 
-# op name -> module under backends/triton/ that defines a function of the same name
-_OP_MODULES: dict[str, str] = {"lora_linear_fwd": "lora", "lora_linear_bwd": "lora"}
-_OP_MODULES.update({"prefix_kv_fill": "prefix", "kv_append": "prefix", "prefix_kv_fill_bwd": "prefix"})
-_OP_MODULES.update({"lora_linear_int8_fwd": "lora_int8", "lora_linear_int8_bwd": "lora_int8"})
+# op name -> module under backends/triton/ that defines a function of the same name (and the capability check)
+IMPLEMENTATIONS = {
+    "lora_linear_fwd": "lora",
+    "lora_linear_bwd": "lora",
+    "prefix_kv_fill": "prefix",
+    "kv_append": "prefix",
+    "prefix_kv_fill_bwd": "prefix",
+}
 
 
 def interpreting() -> bool:
@@ -33,15 +36,3 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False); set TRITON_INTERPRET=1 to run on CPU"
     return None
-
-
-def get_impl(op_name: str):
-    module = importlib.import_module(f"{__name__}.{_OP_MODULES[op_name]}")
-    return getattr(module, op_name)
-
-
-def not_supported_reasons(op_name: str, *args) -> list[str]:
-    if op_name not in _OP_MODULES:
-        return [f"no Triton kernel for {op_name} yet"]
-    module = importlib.import_module(f"{__name__}.{_OP_MODULES[op_name]}")
-    return module.not_supported_reasons(op_name, *args)

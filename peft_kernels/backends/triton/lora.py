@@ -24,7 +24,7 @@ Reductions across programs (split-K of F1, dS/dB of B1, dA of B3) use fp32 ``tl.
 or, when ``torch.are_deterministic_algorithms_enabled()``, per-split workspaces summed by torch in a fixed order.
 
 F2 and B2, the only kernels that read W, take a constexpr ``IS_INT8`` for int8 weight-only bases with a per-row
-fp32 scale; ``lora_int8.py`` launches them through ``forward`` / ``backward`` below and states that variant.
+fp32 scale (``weight_scale`` of ``lora_linear_fwd`` / ``_bwd`` below); ``lora_int8.py`` states that variant.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import bind
 from . import _configs, interpreting
 from .dropout import dropout_keep
 
@@ -682,12 +683,6 @@ def _common(dropout_p, seeds, x):
     return p, has_dropout, seed, inv_keep
 
 
-def _check_supported(op_name: str, *args) -> None:
-    reasons = not_supported_reasons(op_name, *args)
-    if reasons:
-        raise ValueError(f"Triton {op_name} cannot run this call: " + "; ".join(reasons))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -723,6 +718,8 @@ def lora_linear_fwd(
     scaling: list[float],
     dropout_p: list[float],
     seeds: torch.Tensor | None,
+    weight_scale: torch.Tensor | None = None,
+    keep_masks: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """y = x·Wᵀ + b + s·((m ⊙ x)·Aᵀ/(1-p)·Bᵀ + b_B); returns (y, [S]) as the reference does (one adapter).
 
@@ -730,15 +727,12 @@ def lora_linear_fwd(
         x: (M, K) any strides.  weight: (N, K) any strides.  bias: (N,) or None.
         lora_a: [(r, K)].  lora_b: [(N, r)].  lora_b_bias: [(N,) or None].  scaling, dropout_p: [float].
         seeds: int64 (1,) when p > 0.
-    Kernels: F1 (S, fp32) then F2 (y in x's dtype, one fp32 accumulator).
+        weight_scale: None for a float weight of x's dtype; an int8 weight's fp32 per-row scale (N,) otherwise
+            (F2 with IS_INT8, see ``lora_int8.py``).
+        keep_masks: False here (the kernels regenerate the mask; ``not_supported_reasons`` declines True).
+    Kernels: F1 (S, fp32) then F2 (y in x's dtype, one fp32 accumulator). The call must pass
+    ``not_supported_reasons`` (the dispatcher's choice); it is not checked again here.
     """
-    _check_supported("lora_linear_fwd", x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds)
-    return forward(x, weight, None, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds)
-
-
-def forward(x, weight, weight_scale, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds):
-    """F1 + F2 for a float ``weight`` (weight_scale None) or an int8 one with fp32 per-row ``weight_scale`` (N,):
-    the launch shared by ``lora_linear_fwd`` and ``lora_int8.lora_linear_int8_fwd`` (arguments already checked)."""
     a, b, b_bias, s = lora_a[0], lora_b[0], lora_b_bias[0], float(scaling[0])
     M, K = x.shape
     N, r = weight.shape[0], a.shape[0]
@@ -774,22 +768,16 @@ def lora_linear_bwd(
     dropout_p: list[float],
     seeds: torch.Tensor | None,
     output_mask: list[bool],
+    weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
     """(dx, [dA], [dB]) of lora_linear_fwd (one adapter); what output_mask excludes is neither computed nor returned.
 
     Args:
-        dy: (M, N).  x, weight, lora_a, lora_b, scaling, dropout_p, seeds: as in the forward.
+        dy: (M, N).  x, weight, lora_a, lora_b, scaling, dropout_p, seeds, weight_scale: as in the forward.
         saved_s: [S], (M, r) fp32 from the forward.  output_mask: [need dx, need dA and dB].
-    Kernels: B1 (dS, and dB when needed), then B2 (dx) and B3 (dA). dx in x's dtype; dA, dB in the adapters'.
+    Kernels: B1 (dS, and dB when needed), then B2 (dx; the only one that reads the weight) and B3 (dA). dx in x's
+    dtype; dA, dB in the adapters'. Not checked again here (see the forward).
     """
-    _check_supported("lora_linear_bwd", dy, x, weight, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask)
-    return backward(dy, x, weight, None, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask)
-
-
-def backward(dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask):
-    """B1 + B2 + B3 for a float ``weight`` (weight_scale None) or an int8 one with fp32 per-row ``weight_scale``;
-    shared by ``lora_linear_bwd`` and ``lora_int8.lora_linear_int8_bwd`` (arguments already checked). Only B2
-    reads the weight."""
     need_dx, need_adapters = bool(output_mask[0]), bool(output_mask[1])
     if not (need_dx or need_adapters):
         return None, [], []
@@ -862,26 +850,23 @@ def backward(dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, drop
 
 
 def not_supported_reasons(op_name: str, *args) -> list[str]:
-    """Every reason this backend cannot run ``op_name`` on these arguments (empty: it can).
-
-    lora_linear_fwd args: (x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds).
-    lora_linear_bwd args: (dy, x, weight, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask).
-    """
+    """Every reason this backend cannot run this call of ``lora_linear_fwd`` / ``lora_linear_bwd`` (empty: it can);
+    ``args`` in the op's schema order (``backends/__init__.py``), trailing defaults optional."""
+    call = bind(op_name, args)
     if op_name == "lora_linear_fwd":
-        x, weight, bias, lora_a, lora_b, lora_b_bias, _scaling, dropout_p, seeds = args
-        dy, saved_s = None, []
-    elif op_name == "lora_linear_bwd":
-        dy, x, weight, lora_a, lora_b, saved_s, _scaling, dropout_p, seeds, _mask = args
-        bias, lora_b_bias = None, []
-    else:
-        return [f"no Triton kernel for {op_name}"]
-    return call_reasons(dy, x, weight, None, bias, lora_a, lora_b, lora_b_bias, saved_s, dropout_p, seeds)
+        reasons = call_reasons(None, call.x, call.weight, call.weight_scale, call.bias, call.lora_a, call.lora_b,
+                               call.lora_b_bias, [], call.dropout_p, call.seeds)  # fmt: skip
+        if call.keep_masks and any(p > 0.0 for p in call.dropout_p):
+            reasons.append("keep_masks=True (the kernels regenerate the dropout mask in the backward, keep none)")
+        return reasons
+    return call_reasons(call.dy, call.x, call.weight, call.weight_scale, None, call.lora_a, call.lora_b, [],
+                        call.saved_s, call.dropout_p, call.seeds)  # fmt: skip
 
 
 def call_reasons(dy, x, weight, weight_scale, bias, lora_a, lora_b, lora_b_bias, saved_s, dropout_p, seeds):
-    """The checks of ``not_supported_reasons`` on unpacked arguments (dy None in the forward, bias None in the
-    backward). ``weight_scale`` None: a float weight of x's dtype; else (``lora_int8.py``) an int8 weight with an
-    fp32 per-row scale of shape (N,)."""
+    """The checks of ``not_supported_reasons``, one list for both directions (dy None in the forward, bias None in
+    the backward). ``weight_scale`` None: a float weight of x's dtype; else an int8 weight with an fp32 per-row
+    scale of shape (N,)."""
     reasons: list[str] = []
     n = len(lora_a)
     if n != 1:

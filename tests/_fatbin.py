@@ -1,4 +1,5 @@
-"""Which GPU architectures a built extension carries, read from its ``.nv_fatbin`` ELF section.
+"""Which GPU architectures a built extension carries, read from its ``.nv_fatbin`` ELF section (a test and CI
+helper: not part of the wheel).
 
 ``cuobjdump --list-elf`` answers the same question but ships only with a full toolkit (or the
 ``nvidia-cuda-cuobjdump`` wheel); this reader needs nothing, so tests and ``.ci/build_ext.sh`` can always check
