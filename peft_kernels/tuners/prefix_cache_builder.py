@@ -41,16 +41,6 @@ def prefix_cache_mode() -> str:
     return mode
 
 
-def __getattr__(name: str):
-    # PrefixKVCache subclasses transformers' DynamicCache: imported on first use so that importing peft_kernels
-    # does not import transformers.
-    if name in ("PrefixKVCache", "PrefixKVLayer"):
-        from . import prefix_kv_cache
-
-        return getattr(prefix_kv_cache, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def unbatched_prefix(flat: torch.Tensor, num_layers: int, num_heads: int) -> torch.Tensor:
     """flat [P, L·2·D] → prefix [L, 2, H, P, hd] with hd = D // H (a view, no copy)."""
     num_tokens = flat.shape[0]
