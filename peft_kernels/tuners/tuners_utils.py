@@ -400,14 +400,14 @@ class BaseTuner(nn.Module):
                 parent, target, target_name = _get_submodules(self.model, key)
             except AttributeError:
                 continue  # an ancestor was already replaced
-            if isinstance(target, BaseTunerLayer):
-                if merge:
-                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                setattr(parent, target_name, target.get_base_layer())
-            elif isinstance(target, ModulesToSaveWrapper):
+            if hasattr(target, "unload_and_optionally_merge_module"):  # layers that unwrap themselves (MHA)
                 setattr(
                     parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
                 )
+            elif isinstance(target, BaseTunerLayer):
+                if merge:
+                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                setattr(parent, target_name, target.get_base_layer())
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:

@@ -1,8 +1,20 @@
 from .config import LoftQConfig, LoraConfig, LoraRuntimeConfig
-from .layer import Conv2d, Embedding, Linear, LoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, MultiheadAttention
 from .model import LoraModel
 
-__all__ = ["Conv2d", "Embedding", "Linear", "LoftQConfig", "LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig"]
+__all__ = [
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Embedding",
+    "Linear",
+    "LoftQConfig",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "LoraRuntimeConfig",
+    "MultiheadAttention",
+]
 
 
 def __getattr__(name):
