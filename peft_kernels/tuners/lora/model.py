@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 from torch import nn
 
@@ -185,5 +186,23 @@ class LoraModel(BaseTuner):
             if isinstance(module, LoraLayer):
                 module.set_scale(adapter, scale)
 
-    def add_weighted_adapter(self, *args, **kwargs):
-        raise NotImplementedError("add_weighted_adapter is not implemented by peft_kernels yet.")
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Adds ``adapter_name``, the weighted combination of ``adapters`` (types and math: ``lora/weighted.py``)."""
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
+            svd_driver, density, majority_sign_method,
+        )  # fmt: skip
