@@ -206,6 +206,8 @@ class LoraLayer(BaseTunerLayer):
         add_hook_to_module, which replaces ``forward``) would leave them sharded or stale: eager path then.
         """
         for adapter in active:
+            if isinstance(self.scaling[adapter], torch.Tensor):  # hotswap-prepared: float() would break compile
+                return False
             for layer in (self.lora_A[adapter], self.lora_B[adapter]):
                 if type(layer) is not layer_type or layer._forward_pre_hooks or layer._forward_hooks:
                     return False
