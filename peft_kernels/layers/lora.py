@@ -167,7 +167,8 @@ class LoraLayer(BaseTunerLayer):
     def _eager_lora_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """PEFT's formula for one adapter: B(A(dropout(x))) · s, in the adapter dtype."""
         lora_a = self.lora_A[adapter]
-        x = x.to(lora_a.weight.dtype)
+        if self.cast_input_dtype_enabled:
+            x = x.to(lora_a.weight.dtype)
         return self.lora_B[adapter](lora_a(self.lora_dropout[adapter](x))) * self.scaling[adapter]
 
     def _branch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -207,6 +208,8 @@ class LoraLayer(BaseTunerLayer):
         """
         for adapter in active:
             if isinstance(self.scaling[adapter], torch.Tensor):  # hotswap-prepared: float() would break compile
+                return False
+            if not self.cast_input_dtype_enabled:  # the op casts; the uncast input must go through A's forward
                 return False
             for layer in (self.lora_A[adapter], self.lora_B[adapter]):
                 if type(layer) is not layer_type or layer._forward_pre_hooks or layer._forward_hooks:
