@@ -14,6 +14,15 @@ from ..layers._base import BaseTunerLayer, check_adapters_to_merge  # noqa: F401
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
 from ..utils.other import ModulesToSaveWrapper, _get_submodules
 from ..utils.peft_types import TaskType
+from ._tuner_keys import (  # noqa: F401 - PEFT exposes these in tuners_utils
+    _filter_state_dict_by_key_prefixes,
+    _find_minimal_target_modules,
+    _get_tuner_state_dict_key_prefixes,
+    _is_key_under_prefixes,
+    _remove_adapter_name_from_state_dict_key,
+    get_model_config,
+    minimize_target_modules,
+)
 
 
 class PeftError(Exception):
@@ -154,6 +163,9 @@ class BaseTuner(nn.Module):
 
     prefix: str = ""
     target_module_mapping: dict = {}
+    # Whether adapters share model-level state (VeRA-style); LoRA's do not.
+    uses_shared_state: bool = False
+    get_model_config = staticmethod(get_model_config)
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
@@ -218,6 +230,7 @@ class BaseTuner(nn.Module):
         model_config = _model_config_dict(model)
         peft_config = self._prepare_adapter_config(peft_config, model_config)
         peft_config = expand_all_linear(peft_config, model)
+        minimize_target_modules(peft_config, [key for key, _ in model.named_modules()])
 
         matched, excluded, unmatched = [], [], []
         tuner_children = set()
