@@ -102,6 +102,19 @@ class PeftModel(nn.Module):
         return names or None
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False only when adapters were disabled via ``disable_adapter`` (PEFT's rule, kept as is)."""
+        if self.peft_config[self.active_adapter].is_prompt_learning:
+            return not self._adapters_disabled
+        return not self._adapters_disabled or not self.active_adapters
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Uploads the adapter files ``save_pretrained`` writes (never the base model); see ``utils/hub.py``."""
+        from .utils.hub import push_adapter_to_hub
+
+        return push_adapter_to_hub(self, repo_id, **kwargs)
+
+    @property
     def _adapters_disabled(self) -> bool:
         return getattr(self, "_adapters_disabled_flag", False)
 
