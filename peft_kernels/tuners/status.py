@@ -8,6 +8,7 @@ from typing import Any, Literal, Union
 import torch
 
 from ..layers._base import BaseTunerLayer
+from ..utils.other import ModulesToSaveWrapper
 
 
 @dataclass
@@ -20,6 +21,8 @@ class TunerLayerStatus:
     requires_grad: dict[str, Union[bool, Literal["irregular"]]]
     available_adapters: list[str]
     devices: dict[str, list[str]]
+    # PEFT's LoRA layers never set a quantization backend (only other tuners do): None for every LoRA layer.
+    quantization_backend: Union[str, None] = None
 
 
 @dataclass
@@ -36,6 +39,7 @@ class TunerModelStatus:
     requires_grad: dict[str, Union[bool, Literal["irregular"]]]
     available_adapters: list[str]
     devices: dict[str, list[str]] = field(default_factory=dict)
+    quantization_backend: Union[str, None, Literal["irregular"]] = None
 
 
 def _base_of(model):
@@ -47,9 +51,7 @@ def _base_of(model):
                 "get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption "
                 "prompt are not supported."
             )
-        return model.base_model.model
-    if isinstance(model, torch.nn.Module) and hasattr(model, "model") and hasattr(model, "peft_config"):
-        return model.model
+        return model.base_model
     return model
 
 
@@ -57,7 +59,7 @@ def get_layer_status(model: Any) -> list[TunerLayerStatus]:
     base = _base_of(model)
     rows = []
     for name, module in base.named_modules():
-        if not isinstance(module, BaseTunerLayer):
+        if not isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
             continue
         requires_grad: dict[str, Any] = {}
         devices: dict[str, list[str]] = {}
@@ -71,9 +73,7 @@ def get_layer_status(model: Any) -> list[TunerLayerStatus]:
                     value = flags.pop() if len(flags) == 1 else "irregular"
                     requires_grad[key] = value if prev in (None, value) else "irregular"
                 devices.setdefault(key, [])
-                for p in params:
-                    if p.device.type not in devices[key]:
-                        devices[key].append(p.device.type)
+                devices[key] = sorted({*devices[key], *(p.device.type for p in params)})
         rows.append(
             TunerLayerStatus(
                 name=name,
@@ -84,10 +84,14 @@ def get_layer_status(model: Any) -> list[TunerLayerStatus]:
                 requires_grad=requires_grad,
                 available_adapters=sorted(module._get_available_adapters()),
                 devices=devices,
+                quantization_backend=getattr(getattr(module, "quantization_backend", None), "backend_name", None),
             )
         )
     if not rows:
-        raise ValueError("No adapter layers found in the model.")
+        raise ValueError(
+            "No adapter layers found in the model, please ensure that it's a PEFT model or that you have PEFT adapters "
+            "injected in the model."
+        )
     return rows
 
 
@@ -97,44 +101,47 @@ def _agg(values):
 
 
 def get_model_status(model: Any) -> TunerModelStatus:
+    """The layers' statuses aggregated; a field that differs between layers is "irregular" (PEFT's rules)."""
     from ..peft_model import PeftModel
 
-    base = _base_of(model)
     layers = get_layer_status(model)
     if isinstance(model, PeftModel):
+        base_model_type = model.get_base_model().__class__.__name__
         trainable, total = model.get_nb_trainable_parameters()
-        peft_types = {
-            k: str(v.peft_type.value if hasattr(v.peft_type, "value") else v.peft_type)
-            for k, v in model.peft_config.items()
-        }
+        peft_types = {k: str(v.peft_type).partition(".")[-1] for k, v in model.base_model.peft_config.items()}
         adapter_model_type = model.base_model.__class__.__name__
     else:
-        trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in base.parameters())
-        peft_types = {k: "LORA" for k in getattr(base, "peft_config", {})}
-        adapter_model_type = "None"
+        is_pretrained = any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+        base_model_type = model.__class__.__name__ if is_pretrained else "other"
+        trainable, total = PeftModel.get_nb_trainable_parameters(model)
+        peft_types, adapter_model_type = {}, "None"
     requires_grad: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.requires_grad.items():
             prev = requires_grad.get(key)
             requires_grad[key] = value if prev in (None, value) else "irregular"
-    available = sorted({a for layer in layers for a in layer.available_adapters})
     devices: dict[str, list[str]] = {}
     for layer in layers:
         for key, devs in layer.devices.items():
-            devices.setdefault(key, [])
-            devices[key] += [d for d in devs if d not in devices[key]]
+            devices[key] = sorted({*devices.get(key, []), *devs})
+    # Merged: the union, unless some layer holds one of those adapters unmerged.
+    merged_all = {a for layer in layers for a in layer.merged_adapters}
+    merged: Union[list[str], str] = sorted(merged_all)
+    if any((set(layer.available_adapters) - set(layer.merged_adapters)) & merged_all for layer in layers):
+        merged = "irregular"
+    active = {tuple(layer.active_adapters) for layer in layers}
     return TunerModelStatus(
-        base_model_type=base.__class__.__name__,
+        base_model_type=base_model_type,
         adapter_model_type=adapter_model_type,
         peft_types=peft_types,
         trainable_params=trainable,
         total_params=total,
         num_adapter_layers=len(layers),
         enabled=_agg([layer.enabled for layer in layers]),
-        active_adapters=_agg([layer.active_adapters for layer in layers]),
-        merged_adapters=_agg([layer.merged_adapters for layer in layers]),
+        active_adapters=list(active.pop()) if len(active) == 1 else "irregular",
+        merged_adapters=merged,
         requires_grad=requires_grad,
-        available_adapters=available,
+        available_adapters=sorted({a for layer in layers for a in layer.available_adapters}),
         devices=devices,
+        quantization_backend=_agg([layer.quantization_backend for layer in layers]),
     )

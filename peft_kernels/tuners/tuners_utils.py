@@ -338,9 +338,9 @@ class BaseTuner(nn.Module):
                     module.unmerge()
                 module.set_adapter(names, inference_mode=inference_mode)
             elif isinstance(module, ModulesToSaveWrapper):
+                # An adapter without a copy here deactivates the wrapper: the original module runs (as PEFT).
                 active = [n for n in names if n in module.modules_to_save]
-                if active:
-                    module.set_adapter(active[:1], inference_mode=inference_mode)
+                module.set_adapter(active[:1], inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
     def _set_adapter_layers(self, enabled: bool = True) -> None:
