@@ -178,7 +178,10 @@ class BaseTuner(nn.Module):
                 "Already found a `peft_config` attribute in the model. This will lead to having multiple adapters"
                 " in the model. Make sure to know what you are doing!"
             )
-            self.peft_config[adapter_name] = peft_config
+            if isinstance(peft_config, dict):  # PeftModel passes {adapter_name: config}
+                self.peft_config.update(peft_config)
+            else:
+                self.peft_config[adapter_name] = peft_config
         self.active_adapter: Union[str, list[str]] = adapter_name
         try:
             self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)

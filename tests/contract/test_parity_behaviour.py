@@ -1,0 +1,41 @@
+"""Issue #18 item 3 (behaviour bugs that changed results), one test per bullet, each against real peft 0.21.2:
+both libraries run the same steps on the same tiny model and must end in the same observable state."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import peft_kernels as pk
+
+pytestmark = [pytest.mark.usefixtures("one_thread_quiet"), pytest.mark.oracle]
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def _libs():
+    return (pytest.importorskip("peft"), pk)
+
+
+def _trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_get_peft_model_twice_warns_and_goes_on():
+    results = []
+    for lib in _libs():
+        base = _mlp()
+        lib.get_peft_model(base, lib.LoraConfig(target_modules=["0"]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = lib.get_peft_model(base, lib.LoraConfig(target_modules=["0"]))
+        messages = [str(w.message) for w in caught]
+        assert any("modify a model with PEFT for a second time" in m for m in messages)
+        results.append((list(model.peft_config), model(torch.ones(1, 4)).shape))
+    assert results[0] == results[1]
