@@ -39,3 +39,17 @@ def test_get_peft_model_twice_warns_and_goes_on():
         assert any("modify a model with PEFT for a second time" in m for m in messages)
         results.append((list(model.peft_config), model(torch.ones(1, 4)).shape))
     assert results[0] == results[1]
+
+
+def test_base_module_named_lora_is_frozen():
+    results = []
+    for lib in _libs():
+        net = nn.Sequential()
+        net.add_module("lora_head", nn.Linear(4, 4))
+        net.add_module("lin", nn.Linear(4, 4))
+        results.append(_trainable(lib.get_peft_model(net, lib.LoraConfig(target_modules=["lin"]))))
+    assert (
+        results[1]
+        == results[0]
+        == ["base_model.model.lin.lora_A.default.weight", "base_model.model.lin.lora_B.default.weight"]
+    )

@@ -12,7 +12,13 @@ from ...layers.lora import Embedding, Linear, LoraLayer
 from ...layers.lora_conv import Conv1d, Conv2d, Conv3d
 from ...layers.lora_mha import MultiheadAttention
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from ..tuners_utils import BaseTuner, _is_conv1d, get_pattern_key
+from ..tuners_utils import (
+    BaseTuner,
+    _get_tuner_state_dict_key_prefixes,
+    _is_conv1d,
+    _is_key_under_prefixes,
+    get_pattern_key,
+)
 
 
 def _is_int8_base(module: nn.Module) -> bool:
@@ -155,8 +161,10 @@ class LoraModel(BaseTuner):
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """Freezes everything but adapter weights, then re-enables biases per each adapter's ``bias`` mode."""
+        # Adapter weights are what tuner layers hold besides base_layer: a base module merely *named* lora_… freezes.
+        adapter_prefixes = _get_tuner_state_dict_key_prefixes(model)
         for name, param in model.named_parameters():
-            if self.prefix not in name and "modules_to_save" not in name:
+            if not _is_key_under_prefixes(name, adapter_prefixes) and "modules_to_save" not in name:
                 param.requires_grad = False
         for active_adapter in self.active_adapters:
             bias = self.peft_config[active_adapter].bias
