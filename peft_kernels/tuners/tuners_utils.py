@@ -257,6 +257,7 @@ class BaseTuner(nn.Module):
 
         replaced: list[tuple[nn.Module, str, nn.Module]] = []
         updated: list[BaseTunerLayer] = []
+        targeted_before = list(self.targeted_module_names)
         try:
             for key in matched:
                 parent, target, target_name = _get_submodules(model, key)
@@ -266,7 +267,8 @@ class BaseTuner(nn.Module):
                     updated.append(target)
                 else:
                     replaced.append((parent, target_name, target))
-                self.targeted_module_names.append(key)
+                if key not in self.targeted_module_names:  # listed once, however many adapters target it
+                    self.targeted_module_names.append(key)
             self._set_modules_to_save(model, peft_config, adapter_name)
         except BaseException:
             for parent, target_name, original in reversed(replaced):
@@ -274,7 +276,7 @@ class BaseTuner(nn.Module):
             for layer in updated:
                 layer.delete_adapter(adapter_name)
             self._unset_modules_to_save(model, adapter_name)
-            self.targeted_module_names = [k for k in self.targeted_module_names if k not in matched]
+            self.targeted_module_names = targeted_before
             raise
         if peft_config.exclude_modules and not excluded:
             warnings.warn(
