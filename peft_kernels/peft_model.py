@@ -317,9 +317,9 @@ class PeftModel(nn.Module):
             self._adapters_disabled_flag = True
             yield
         finally:
-            if not was_disabled:
+            if False in states:  # some layer was enabled on entry; layers disabled before stay disabled (PEFT)
                 self.base_model.enable_adapter_layers()
-                self._adapters_disabled_flag = False
+            self._adapters_disabled_flag = was_disabled
 
     # ------------------------------------------------------------------ save / load
     def _get_base_model_class(self, is_prompt_tuning: bool = False):

@@ -53,3 +53,34 @@ def test_base_module_named_lora_is_frozen():
         == results[0]
         == ["base_model.model.lin.lora_A.default.weight", "base_model.model.lin.lora_B.default.weight"]
     )
+
+
+def test_targeted_module_names_lists_each_module_once():
+    results = []
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"]))
+        model.add_adapter("b", lib.LoraConfig(target_modules=["0", "2"]))
+        results.append(model.targeted_module_names)
+    assert results[1] == results[0] == ["0", "2"]
+
+
+def test_disable_adapter_keeps_layers_disabled_before_entry():
+    results = []
+    x = torch.randn(2, 4)
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], init_lora_weights=False))
+        states = []
+        with model.disable_adapter():  # enabled before: enabled after
+            pass
+        states.append(model.base_model.model[0].disable_adapters)
+        model.base_model.disable_adapter_layers()
+        with model.disable_adapter():
+            with model.disable_adapter():
+                pass
+        states.append(model.base_model.model[0].disable_adapters)
+        with torch.no_grad():
+            states.append(
+                torch.equal(model(x), model.base_model.model[2](torch.relu(model.base_model.model[0].base_layer(x))))
+            )
+        results.append(states)
+    assert results[1] == results[0] == [False, True, True]
