@@ -385,7 +385,12 @@ class BaseTuner(nn.Module):
                 remaining = new_active or list(self.peft_config)[:1]
             self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
         if self.active_adapter:
-            self.set_adapter(self.active_adapter)
+            # Only the wrappers follow the new active adapter: set_adapter would also unmerge merged layers,
+            # which deleting an (unmerged) adapter must not do (PEFT leaves them merged).
+            names = self.active_adapters
+            for module in self.model.modules():
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.set_adapter([n for n in names if n in module.modules_to_save][:1])
 
     # ----------------------------------------------------------------- merge / unload
     def _check_merge_allowed(self) -> None:

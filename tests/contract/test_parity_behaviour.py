@@ -84,3 +84,24 @@ def test_disable_adapter_keeps_layers_disabled_before_entry():
             )
         results.append(states)
     assert results[1] == results[0] == [False, True, True]
+
+
+def test_delete_unmerged_adapter_keeps_other_merged():
+    results = []
+    x = torch.randn(2, 4)
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], init_lora_weights=False))
+        model.add_adapter("b", lib.LoraConfig(target_modules=["0"], init_lora_weights=False))
+        with torch.no_grad():
+            expected = model(x)
+            model.base_model.model[0].merge(adapter_names=["default"])
+            model.delete_adapter("b")
+            out = model(x)
+        results.append(
+            (
+                model.base_model.model[0].merged_adapters,
+                model.active_adapters,
+                torch.allclose(out, expected, atol=1e-5),
+            )
+        )
+    assert results[1] == results[0] == (["default"], ["default"], True)
