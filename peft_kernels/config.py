@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 from .utils.constants import CONFIG_NAME
 from .utils.peft_types import PeftType, TaskType
-from .version import PEFT_VERSION_STRING
+from .version import PEFT_VERSION_STRING, __version__  # noqa: F401 - peft.config exposes __version__ too
 
 # A config file must keep at least these keys after unknown ones are dropped.
 MIN_EXPECTED_CONFIG_KEYS = {"peft_type"}

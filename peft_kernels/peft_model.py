@@ -98,6 +98,19 @@ class PeftModel(AdapterCheckpointMixin, nn.Module):
         return names or None
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False only when adapters were disabled via ``disable_adapter`` (PEFT's rule, kept as is)."""
+        if self.peft_config[self.active_adapter].is_prompt_learning:
+            return not self._adapters_disabled
+        return not self._adapters_disabled or not self.active_adapters
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Uploads the adapter files ``save_pretrained`` writes (never the base model); see ``utils/hub.py``."""
+        from .utils.hub import push_adapter_to_hub
+
+        return push_adapter_to_hub(self, repo_id, **kwargs)
+
+    @property
     def _adapters_disabled(self) -> bool:
         return getattr(self, "_adapters_disabled_flag", False)
 
@@ -300,9 +313,9 @@ class PeftModel(AdapterCheckpointMixin, nn.Module):
             self._adapters_disabled_flag = True
             yield
         finally:
-            if not was_disabled:
+            if False in states:  # some layer was enabled on entry; layers disabled before stay disabled (PEFT)
                 self.base_model.enable_adapter_layers()
-                self._adapters_disabled_flag = False
+            self._adapters_disabled_flag = was_disabled
 
     # ------------------------------------------------------------------ status
     def get_layer_status(self):
@@ -323,6 +336,8 @@ class TunerLayerStatus:
     requires_grad: dict[str, Union[bool, Literal["irregular"]]]
     available_adapters: list[str]
     devices: dict[str, list[str]]
+    # PEFT's LoRA layers never set a quantization backend (only other tuners do): None for every LoRA layer.
+    quantization_backend: Union[str, None] = None
 
 
 @dataclass
@@ -339,18 +354,19 @@ class TunerModelStatus:
     requires_grad: dict[str, Union[bool, Literal["irregular"]]]
     available_adapters: list[str]
     devices: dict[str, list[str]] = field(default_factory=dict)
+    quantization_backend: Union[str, None, Literal["irregular"]] = None
 
 
 def _base_of(model):
+    from ..peft_model import PeftModel
+
     if isinstance(model, PeftModel):
         if model._is_prompt_learning:
             raise TypeError(
                 "get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption "
                 "prompt are not supported."
             )
-        return model.base_model.model
-    if isinstance(model, torch.nn.Module) and hasattr(model, "model") and hasattr(model, "peft_config"):
-        return model.model
+        return model.base_model
     return model
 
 
@@ -358,7 +374,7 @@ def get_layer_status(model: Any) -> list[TunerLayerStatus]:
     base = _base_of(model)
     rows = []
     for name, module in base.named_modules():
-        if not isinstance(module, BaseTunerLayer):
+        if not isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
             continue
         requires_grad: dict[str, Any] = {}
         devices: dict[str, list[str]] = {}
@@ -372,9 +388,7 @@ def get_layer_status(model: Any) -> list[TunerLayerStatus]:
                     value = flags.pop() if len(flags) == 1 else "irregular"
                     requires_grad[key] = value if prev in (None, value) else "irregular"
                 devices.setdefault(key, [])
-                for p in params:
-                    if p.device.type not in devices[key]:
-                        devices[key].append(p.device.type)
+                devices[key] = sorted({*devices[key], *(p.device.type for p in params)})
         rows.append(
             TunerLayerStatus(
                 name=name,
@@ -385,10 +399,14 @@ def get_layer_status(model: Any) -> list[TunerLayerStatus]:
                 requires_grad=requires_grad,
                 available_adapters=sorted(module._get_available_adapters()),
                 devices=devices,
+                quantization_backend=getattr(getattr(module, "quantization_backend", None), "backend_name", None),
             )
         )
     if not rows:
-        raise ValueError("No adapter layers found in the model.")
+        raise ValueError(
+            "No adapter layers found in the model, please ensure that it's a PEFT model or that you have PEFT adapters "
+            "injected in the model."
+        )
     return rows
 
 
@@ -398,44 +416,49 @@ def _agg(values):
 
 
 def get_model_status(model: Any) -> TunerModelStatus:
-    base = _base_of(model)
+    """The layers' statuses aggregated; a field that differs between layers is "irregular" (PEFT's rules)."""
+    from ..peft_model import PeftModel
+
     layers = get_layer_status(model)
     if isinstance(model, PeftModel):
+        base_model_type = model.get_base_model().__class__.__name__
         trainable, total = model.get_nb_trainable_parameters()
-        peft_types = {
-            k: str(v.peft_type.value if hasattr(v.peft_type, "value") else v.peft_type)
-            for k, v in model.peft_config.items()
-        }
+        peft_types = {k: str(v.peft_type).partition(".")[-1] for k, v in model.base_model.peft_config.items()}
         adapter_model_type = model.base_model.__class__.__name__
     else:
-        trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in base.parameters())
-        peft_types = {k: "LORA" for k in getattr(base, "peft_config", {})}
-        adapter_model_type = "None"
+        is_pretrained = any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+        base_model_type = model.__class__.__name__ if is_pretrained else "other"
+        trainable, total = PeftModel.get_nb_trainable_parameters(model)
+        peft_types, adapter_model_type = {}, "None"
     requires_grad: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.requires_grad.items():
             prev = requires_grad.get(key)
             requires_grad[key] = value if prev in (None, value) else "irregular"
-    available = sorted({a for layer in layers for a in layer.available_adapters})
     devices: dict[str, list[str]] = {}
     for layer in layers:
         for key, devs in layer.devices.items():
-            devices.setdefault(key, [])
-            devices[key] += [d for d in devs if d not in devices[key]]
+            devices[key] = sorted({*devices.get(key, []), *devs})
+    # Merged: the union, unless some layer holds one of those adapters unmerged.
+    merged_all = {a for layer in layers for a in layer.merged_adapters}
+    merged: Union[list[str], str] = sorted(merged_all)
+    if any((set(layer.available_adapters) - set(layer.merged_adapters)) & merged_all for layer in layers):
+        merged = "irregular"
+    active = {tuple(layer.active_adapters) for layer in layers}
     return TunerModelStatus(
-        base_model_type=base.__class__.__name__,
+        base_model_type=base_model_type,
         adapter_model_type=adapter_model_type,
         peft_types=peft_types,
         trainable_params=trainable,
         total_params=total,
         num_adapter_layers=len(layers),
         enabled=_agg([layer.enabled for layer in layers]),
-        active_adapters=_agg([layer.active_adapters for layer in layers]),
-        merged_adapters=_agg([layer.merged_adapters for layer in layers]),
+        active_adapters=list(active.pop()) if len(active) == 1 else "irregular",
+        merged_adapters=merged,
         requires_grad=requires_grad,
-        available_adapters=available,
+        available_adapters=sorted({a for layer in layers for a in layer.available_adapters}),
         devices=devices,
+        quantization_backend=_agg([layer.quantization_backend for layer in layers]),
     )
 
 

@@ -28,6 +28,8 @@ class BaseTunerLayer:
     _disable_adapters: bool = False
     _active_adapter: Union[str, list[str]] = "default"
     merged_adapters: list[str] = []
+    # False: adapters see the input in its own dtype (peft_kernels.helpers.disable_input_dtype_casting).
+    cast_input_dtype_enabled: bool = True
 
     def get_base_layer(self) -> nn.Module:
         base_layer = self

@@ -67,12 +67,14 @@ class LoraLayer(BaseTunerLayer):
             in_features, out_features = base.weight.shape
         elif isinstance(base, nn.Embedding):
             in_features, out_features = base.num_embeddings, base.embedding_dim
-        elif isinstance(base, nn.Conv2d):
+        elif isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             in_features, out_features = base.in_channels, base.out_channels
+        elif isinstance(base, nn.MultiheadAttention):  # in_proj packs q, k and v: (3·E, E)
+            in_features, out_features = base.embed_dim, 3 * base.embed_dim
         elif hasattr(base, "in_features") and hasattr(base, "out_features"):
             in_features, out_features = base.in_features, base.out_features
-        else:
-            raise NotImplementedError(f"peft_kernels LoRA does not support base layers of type {type(base)}")
+        else:  # a custom layer type (LoraConfig._register_custom_module): its LoRA class sets what it needs
+            in_features, out_features = None, None
         self.in_features = in_features
         self.out_features = out_features
 
@@ -170,7 +172,8 @@ class LoraLayer(BaseTunerLayer):
     def _eager_lora_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """PEFT's formula for one adapter: B(A(dropout(x))) · s, in the adapter dtype."""
         lora_a = self.lora_A[adapter]
-        x = x.to(lora_a.weight.dtype)
+        if self.cast_input_dtype_enabled:
+            x = x.to(lora_a.weight.dtype)
         return self.lora_B[adapter](lora_a(self.lora_dropout[adapter](x))) * self.scaling[adapter]
 
     def _branch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -210,6 +213,10 @@ class LoraLayer(BaseTunerLayer):
         add_hook_to_module, which replaces ``forward``) would leave them sharded or stale: eager path then.
         """
         for adapter in active:
+            if isinstance(self.scaling[adapter], torch.Tensor):  # hotswap-prepared: float() would break compile
+                return False
+            if not self.cast_input_dtype_enabled:  # the op casts; the uncast input must go through A's forward
+                return False
             for layer in (self.lora_A[adapter], self.lora_B[adapter]):
                 if type(layer) is not layer_type or layer._forward_pre_hooks or layer._forward_hooks:
                     return False
@@ -425,171 +432,6 @@ class Embedding(nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._branch_forward(x, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
-
-
-def _is_pointwise_conv(conv: nn.Conv2d) -> bool:
-    """A 1×1, stride-1, unpadded, ungrouped convolution: a linear map over channels at every pixel."""
-    return (
-        tuple(conv.kernel_size) == (1, 1)
-        and tuple(conv.stride) == (1, 1)
-        # "same" pads (k - 1)·d = 0 pixels for a 1×1 kernel.
-        and (conv.padding in ("valid", "same") or tuple(conv.padding) == (0, 0))
-        and conv.groups == 1
-    )
-
-
-class Conv2d(nn.Module, LoraLayer):
-    """LoRA over ``nn.Conv2d``: y = conv(x; W, b) + Σ_a s_a · B_a(A_a(dropout_a(x))).
-
-    Shapes, with W of shape (C_out, C_in/g, kh, kw) and g = groups:
-
-        lora_A[a] = Conv2d(C_in, r, (kh, kw), stride, padding, dilation, bias=False)   weight (r, C_in, kh, kw)
-        lora_B[a] = Conv2d(r, C_out, (1, 1), groups=g, bias=lora_bias)                 weight (C_out, r/g, 1, 1)
-
-    so A sees the same receptive field as W and B mixes channels per pixel (r must be divisible by g). For
-    g = 1 the update is itself one convolution with the base geometry and weight
-    ΔW = s · einsum("or,rihw->oihw", B[:, :, 0, 0], A), which is what ``merge`` adds to W.
-
-    Forward: a 1×1, stride-1, unpadded, ungrouped base conv is the linear map x_pix·Wᵀ at every pixel, so it
-    runs as one ``ops.lora_linear_multi`` call on x viewed as (N·H·W, C_in); any other geometry runs the eager
-    formula above (base conv, then A and B as convolutions).
-    """
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        init_lora_weights: Union[bool, str] = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
-        inference_mode: bool = False,
-        **kwargs,
-    ) -> None:
-        super().__init__()
-        LoraLayer.__init__(self, base_layer, **kwargs)
-        base = self.get_base_layer()
-        if base.weight.dim() != 4:
-            raise ValueError(f"Conv2d layer kernel must have 4 dimensions, not {base.weight.dim()}")
-        if base.groups > 1:
-            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
-        self.fan_in_fan_out = False
-        self._active_adapter = adapter_name
-        self.update_layer(
-            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias, inference_mode
-        )
-
-    def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
-        base = self.get_base_layer()
-        if r % base.groups != 0:
-            raise ValueError(
-                f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. "
-                "Currently, support is limited to conv layers where the rank is divisible by groups. "
-                "Either choose a different rank or do not target this specific layer."
-            )
-        if lora_bias and getattr(base, "bias", None) is None:
-            warnings.warn(
-                f"`lora_bias=True` was passed but the targeted layer of type {type(base).__name__} has no bias. "
-                "This means that merging LoRA weights won't be possible."
-            )
-
-    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
-        """A (r, C_in, kh, kw), B (C_out, r/g, 1, 1)."""
-        base = self.get_base_layer()
-        # PEFT builds A with the base kernel, stride and padding (zeros padding mode, as PEFT). It leaves out
-        # the dilation, which for a dilated k×k base makes A's output a different size and the forward fail;
-        # passing it changes nothing where PEFT works (dilation is not a parameter, checkpoints are the same).
-        self.lora_A[adapter_name] = nn.Conv2d(
-            self.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
-        )
-        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), groups=base.groups, bias=lora_bias)
-
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """ΔW = s · einsum("or,rihw->oihw", B, A): (C_out, C_in, kh, kw); fp32 for 16-bit weights on CPU.
-
-        Only defined for groups = 1: with g > 1, ΔW is a dense (C_out, C_in, kh, kw) kernel that the grouped
-        base weight (C_out, C_in/g, kh, kw) cannot hold.
-        """
-        base = self.get_base_layer()
-        if base.groups > 1:
-            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
-        weight_a = self.lora_A[adapter].weight
-        weight_b = self.lora_B[adapter].weight
-        dtype = weight_a.dtype
-        cast_to_fp32 = weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast_to_fp32:
-            weight_a, weight_b = weight_a.float(), weight_b.float()
-        # B is 1×1, so composing the two convolutions is a matmul over the rank axis.
-        delta = (weight_b.flatten(1) @ weight_a.flatten(1)).view(base.weight.shape) * self.scaling[adapter]
-        return delta.to(dtype) if cast_to_fp32 else delta
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W += ΔW_a for each adapter (and b += s·b_B with lora_bias); ``safe_merge`` checks finiteness first."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        base_layer = self.get_base_layer()
-        for adapter in adapter_names:
-            if adapter not in self.lora_A:
-                continue
-            if base_layer.groups > 1:
-                raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
-            if self.lora_bias[adapter] and base_layer.bias is None:
-                raise RuntimeError(
-                    "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias."
-                )
-            delta = self.get_delta_weight(adapter).to(base_layer.weight.dtype)
-            new_bias = None
-            if self.lora_bias[adapter]:
-                new_bias = base_layer.bias + self.lora_B[adapter].bias * self.scaling[adapter]
-            if safe_merge:
-                merged = base_layer.weight.data.clone() + delta
-                finite = torch.isfinite(merged).all() and (new_bias is None or torch.isfinite(new_bias).all())
-                if not finite:
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-                base_layer.weight.data = merged
-            else:
-                base_layer.weight.data += delta
-            if new_bias is not None:
-                base_layer.bias.data = new_bias.detach().to(base_layer.bias.dtype)
-            self.merged_adapters.append(adapter)
-
-    def _pointwise_path_ok(self, x: torch.Tensor, base_layer: nn.Module, active: list[str], args, kwargs) -> bool:
-        """The op computes exactly what base + eager LoRA would: plain 1×1 convs, no hooks, a batched input."""
-        if args or kwargs or x.dim() != 4:
-            return False
-        if type(base_layer) is not nn.Conv2d or not _is_pointwise_conv(base_layer):
-            return False
-        if self._base_is_hooked(base_layer):
-            return False
-        return self._adapters_read_directly(active, nn.Conv2d)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._branch_forward(x, *args, **kwargs)
-
-    def _lora_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
-        if self._pointwise_path_ok(x, self.base_layer, active, args, kwargs):
-            return self._pointwise_forward(x, self.base_layer, active)
-        return self._eager_forward(x, active, args, kwargs)
-
-    def _pointwise_forward(self, x: torch.Tensor, base_layer: nn.Conv2d, active: list[str]) -> torch.Tensor:
-        """1×1 conv as a GEMM: x (N, C_in, H, W) → rows (N·H·W, C_in) → one fused op → (N, C_out, H, W).
-
-        Weights enter as views: W (C_out, C_in), A (r, C_in), B (C_out, r); gradients flow back through them.
-        """
-        n, c_in, h, w = x.shape
-        # A channels_last input needs no copy to become rows; conv2d would then also return channels_last.
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
-        # Under autocast conv2d runs in the autocast dtype (CUDA fp16/bf16, CPU bf16 lists): _fused_linear casts.
-        y = self._fused_linear(rows, base_layer.weight.flatten(1), base_layer.bias, active, flatten=True)
-        y = y.view(n, h, w, -1).permute(0, 3, 1, 2)
-        return y if channels_last else y.contiguous()
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

@@ -14,6 +14,15 @@ from ..layers._base import BaseTunerLayer, check_adapters_to_merge, is_conv1d  #
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
 from ..utils.other import ModulesToSaveWrapper, _get_submodules
 from ..utils.peft_types import TaskType
+from ._tuner_keys import (  # noqa: F401 - PEFT exposes these in tuners_utils
+    _filter_state_dict_by_key_prefixes,
+    _find_minimal_target_modules,
+    _get_tuner_state_dict_key_prefixes,
+    _is_key_under_prefixes,
+    _remove_adapter_name_from_state_dict_key,
+    get_model_config,
+    minimize_target_modules,
+)
 
 
 class PeftError(Exception):
@@ -149,6 +158,9 @@ class BaseTuner(nn.Module):
 
     prefix: str = ""
     target_module_mapping: dict = {}
+    # Whether adapters share model-level state (VeRA-style); LoRA's do not.
+    uses_shared_state: bool = False
+    get_model_config = staticmethod(get_model_config)
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
@@ -161,7 +173,10 @@ class BaseTuner(nn.Module):
                 "Already found a `peft_config` attribute in the model. This will lead to having multiple adapters"
                 " in the model. Make sure to know what you are doing!"
             )
-            self.peft_config[adapter_name] = peft_config
+            if isinstance(peft_config, dict):  # PeftModel passes {adapter_name: config}
+                self.peft_config.update(peft_config)
+            else:
+                self.peft_config[adapter_name] = peft_config
         self.active_adapter: Union[str, list[str]] = adapter_name
         try:
             self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
@@ -213,6 +228,7 @@ class BaseTuner(nn.Module):
         model_config = _model_config_dict(model)
         peft_config = self._prepare_adapter_config(peft_config, model_config)
         peft_config = expand_all_linear(peft_config, model)
+        minimize_target_modules(peft_config, [key for key, _ in model.named_modules()])
 
         matched, excluded, unmatched = [], [], []
         tuner_children = set()
@@ -236,6 +252,7 @@ class BaseTuner(nn.Module):
 
         replaced: list[tuple[nn.Module, str, nn.Module]] = []
         updated: list[BaseTunerLayer] = []
+        targeted_before = list(self.targeted_module_names)
         try:
             for key in matched:
                 parent, target, target_name = _get_submodules(model, key)
@@ -245,7 +262,8 @@ class BaseTuner(nn.Module):
                     updated.append(target)
                 else:
                     replaced.append((parent, target_name, target))
-                self.targeted_module_names.append(key)
+                if key not in self.targeted_module_names:  # listed once, however many adapters target it
+                    self.targeted_module_names.append(key)
             self._set_modules_to_save(model, peft_config, adapter_name)
         except BaseException:
             for parent, target_name, original in reversed(replaced):
@@ -253,7 +271,7 @@ class BaseTuner(nn.Module):
             for layer in updated:
                 layer.delete_adapter(adapter_name)
             self._unset_modules_to_save(model, adapter_name)
-            self.targeted_module_names = [k for k in self.targeted_module_names if k not in matched]
+            self.targeted_module_names = targeted_before
             raise
         if peft_config.exclude_modules and not excluded:
             warnings.warn(
@@ -320,9 +338,9 @@ class BaseTuner(nn.Module):
                     module.unmerge()
                 module.set_adapter(names, inference_mode=inference_mode)
             elif isinstance(module, ModulesToSaveWrapper):
+                # An adapter without a copy here deactivates the wrapper: the original module runs (as PEFT).
                 active = [n for n in names if n in module.modules_to_save]
-                if active:
-                    module.set_adapter(active[:1], inference_mode=inference_mode)
+                module.set_adapter(active[:1], inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
     def _set_adapter_layers(self, enabled: bool = True) -> None:
@@ -362,7 +380,12 @@ class BaseTuner(nn.Module):
                 remaining = new_active or list(self.peft_config)[:1]
             self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
         if self.active_adapter:
-            self.set_adapter(self.active_adapter)
+            # Only the wrappers follow the new active adapter: set_adapter would also unmerge merged layers,
+            # which deleting an (unmerged) adapter must not do (PEFT leaves them merged).
+            names = self.active_adapters
+            for module in self.model.modules():
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.set_adapter([n for n in names if n in module.modules_to_save][:1])
 
     # ----------------------------------------------------------------- merge / unload
     def _check_merge_allowed(self) -> None:
@@ -395,14 +418,14 @@ class BaseTuner(nn.Module):
                 parent, target, target_name = _get_submodules(self.model, key)
             except AttributeError:
                 continue  # an ancestor was already replaced
-            if isinstance(target, BaseTunerLayer):
-                if merge:
-                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                setattr(parent, target_name, target.get_base_layer())
-            elif isinstance(target, ModulesToSaveWrapper):
+            if hasattr(target, "unload_and_optionally_merge_module"):  # layers that unwrap themselves (MHA)
                 setattr(
                     parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
                 )
+            elif isinstance(target, BaseTunerLayer):
+                if merge:
+                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                setattr(parent, target_name, target.get_base_layer())
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:

@@ -1,3 +1,4 @@
+from .base_state_dict import get_base_model_state_dict, set_base_model_state_dict
 from .constants import (
     CONFIG_NAME,
     INCLUDE_LINEAR_LAYERS_SHORTHAND,
@@ -31,9 +32,11 @@ __all__ = [
     "_get_submodules",
     "bloom_model_postprocess_past_key_value",
     "cast_mixed_precision_params",
+    "get_base_model_state_dict",
     "get_peft_model_state_dict",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "shift_tokens_right",
     "transpose",

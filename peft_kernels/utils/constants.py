@@ -62,3 +62,8 @@ TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING: dict = {}
 def bloom_model_postprocess_past_key_value(past_key_values):
     """Kept for import compatibility; transformers 5 Bloom uses the standard cache layout, so this is identity."""
     return past_key_values
+
+
+# Injection condenses a target_modules list at least this long to its minimal suffix set (PEFT's constant).
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
+DUMMY_MODEL_CONFIG = {"model_type": "custom"}

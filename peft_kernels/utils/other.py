@@ -29,6 +29,14 @@ class ModulesToSaveWrapper(nn.Module):
     drop the ``modules_to_save.<adapter>.`` part.
     """
 
+    # What get_layer_status reads from every adapter-holding module (PEFT's AuxiliaryTrainingWrapper names).
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()
+    merged_adapters: list[str] = []  # a trained copy is never merged
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.modules_to_save.keys())
+
     def __init__(self, module_to_save: nn.Module, adapter_name: str):
         super().__init__()
         self.original_module = module_to_save

@@ -338,7 +338,7 @@ def test_substring_adapter_names_do_not_leak(tmp_path):
             "`r` should be a positive integer value but the value passed is 0",
         ),
         (dict(target_modules=["lin0"], lora_dropout=1.0), ValueError, "lora_dropout should be in"),
-        (dict(target_modules=["lin0", "relu"]), NotImplementedError, "'relu' of type ReLU is not supported"),
+        (dict(target_modules=["lin0", "relu"]), ValueError, r"'relu' \(ReLU\) is not supported"),
         (dict(target_modules=["lin0"], use_dora=True), NotImplementedError, "use_dora"),
     ],
 )
@@ -352,10 +352,10 @@ def test_bad_config_leaves_model_untouched(config, exc, match):
 
 def test_conv_target_fails_before_any_replacement():
     torch.manual_seed(0)
-    # nn.Conv2d is supported since issue #9; nn.Conv1d (PEFT has lora.Conv1d) is not, yet.
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 1))
+    # nn.Conv1d/2d/3d are supported (issues #9, #18); an nn.LSTM is not, in PEFT either (ValueError).
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LSTM(4, 4))
     before = snapshot(model)
-    with pytest.raises(NotImplementedError, match="Conv1d"):
+    with pytest.raises(ValueError, match="LSTM"):
         pk.get_peft_model(model, pk.LoraConfig(target_modules=["0", "1"]))
     assert_untouched(model, before)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import peft_kernels as pk
 from peft_kernels import ops
-from peft_kernels.layers.lora import Conv2d
+from peft_kernels.layers.lora_conv import Conv2d
 
 # (name, Conv2d kwargs): the geometries of the README's vision/diffusion models.
 GEOMETRIES = [

@@ -1,10 +1,22 @@
 from ...mapping import register_tuner
 from ...utils.peft_types import PeftType
 from .config import LoftQConfig, LoraConfig, LoraRuntimeConfig
-from .layer import Conv2d, Embedding, Linear, LoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, MultiheadAttention
 from .model import LoraModel
 
-__all__ = ["Conv2d", "Embedding", "Linear", "LoftQConfig", "LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig"]
+__all__ = [
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Embedding",
+    "Linear",
+    "LoftQConfig",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "LoraRuntimeConfig",
+    "MultiheadAttention",
+]
 
 register_tuner(PeftType.LORA, LoraConfig, LoraModel)
 

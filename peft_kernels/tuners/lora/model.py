@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 from torch import nn
 
 from ...layers.int8 import Int8Linear
-from ...layers.lora import Conv2d, Embedding, Linear, LoraLayer
+from ...layers.lora import Embedding, Linear, LoraLayer
+from ...layers.lora_conv import Conv1d, Conv2d, Conv3d
+from ...layers.lora_mha import MultiheadAttention
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from ..tuners_utils import BaseTuner, _is_conv1d, get_pattern_key
+from ..tuners_utils import (
+    BaseTuner,
+    _get_tuner_state_dict_key_prefixes,
+    _is_conv1d,
+    _is_key_under_prefixes,
+    get_pattern_key,
+)
 
 
 def _is_int8_base(module: nn.Module) -> bool:
@@ -18,8 +27,27 @@ def _is_int8_base(module: nn.Module) -> bool:
     return bnb_int8 or isinstance(module, Int8Linear)
 
 
+# Base type -> LoRA layer, checked in PEFT's order (Conv2d, Conv3d, Conv1d, MultiheadAttention).
+CONV_AND_ATTENTION_LAYERS = {
+    nn.Conv2d: Conv2d,
+    nn.Conv3d: Conv3d,
+    nn.Conv1d: Conv1d,
+    nn.MultiheadAttention: MultiheadAttention,
+}
+SUPPORTED_BASE_TYPES = (nn.Linear, nn.Embedding, *CONV_AND_ATTENTION_LAYERS)
+
+
+def _custom_lora_class(config, base: nn.Module):
+    """The LoRA class registered for ``base``'s type with ``LoraConfig._register_custom_module``, else None."""
+    for base_type, lora_cls in (getattr(config, "_custom_modules", None) or {}).items():
+        if isinstance(base, base_type):
+            return lora_cls
+    return None
+
+
 class LoraModel(BaseTuner):
-    """Injects ``lora.Linear`` / ``lora.Embedding`` / ``lora.Conv2d`` (and ``lora.Linear8bitLt`` over bnb int8)."""
+    """Injects ``lora.Linear`` / ``Embedding`` / ``Conv1d|2d|3d`` / ``MultiheadAttention`` (``Linear8bitLt`` over
+    bnb int8, and the classes registered with ``LoraConfig._register_custom_module``)."""
 
     prefix: str = "lora_"
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -50,14 +78,17 @@ class LoraModel(BaseTuner):
 
     def _check_target_module_compatible(self, config, target: nn.Module, key: str) -> None:
         base = target.get_base_layer() if isinstance(target, LoraLayer) else target
-        if isinstance(base, (nn.Linear, nn.Embedding, nn.Conv2d)) or _is_conv1d(base) or _is_int8_base(base):
+        if _custom_lora_class(config, base) is not None:
+            return
+        if isinstance(base, SUPPORTED_BASE_TYPES) or _is_conv1d(base) or _is_int8_base(base):
             if config.lora_bias and isinstance(base, nn.Embedding):
                 raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding (module {key!r}).")
             return
-        raise NotImplementedError(
-            f"Target module {key!r} of type {type(base).__name__} is not supported by peft_kernels LoRA. "
-            "Supported types: torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d, transformers Conv1D, "
-            "bitsandbytes Linear8bitLt, peft_kernels Int8Linear."
+        raise ValueError(
+            f"Target module {key!r} ({type(base).__name__}) is not supported. Currently, only the following modules "
+            "are supported: `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
+            "`torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D`, `torch.nn.MultiheadAttention.`, and layer "
+            "types registered with `LoraConfig._register_custom_module`."
         )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
@@ -84,7 +115,11 @@ class LoraModel(BaseTuner):
 
     @staticmethod
     def _create_new_module(config, adapter_name, target, **kwargs) -> nn.Module:
-        # Dispatch order as PEFT: bitsandbytes int8 first, then the default types.
+        # Dispatch order as PEFT: registered custom types, then bitsandbytes int8, then the default types.
+        custom_cls = _custom_lora_class(config, target)
+        if custom_cls is not None:
+            # PEFT's call: the LoRA class gets the config too (ours take the settings as keywords as well).
+            return custom_cls(target, adapter_name, config=config, **kwargs)
         if _is_int8_base(target):
             from ...layers.lora_int8 import dispatch_bnb_8bit
 
@@ -93,8 +128,9 @@ class LoraModel(BaseTuner):
                 return module
         if isinstance(target, nn.Embedding):
             return Embedding(target, adapter_name, **kwargs)
-        if isinstance(target, nn.Conv2d):
-            return Conv2d(target, adapter_name, **kwargs)
+        for torch_type, lora_type in CONV_AND_ATTENTION_LAYERS.items():
+            if isinstance(target, torch_type):
+                return lora_type(target, adapter_name, **kwargs)
         if isinstance(target, nn.Linear):
             if config.fan_in_fan_out:
                 warnings.warn(
@@ -110,7 +146,7 @@ class LoraModel(BaseTuner):
                 )
                 config.fan_in_fan_out = True
             return Linear(target, adapter_name, fan_in_fan_out=True, is_target_conv_1d_layer=True, **kwargs)
-        raise NotImplementedError(f"peft_kernels LoRA does not support modules of type {type(target).__name__}")
+        raise ValueError(f"Target module {target} is not supported.")
 
     @staticmethod
     def _replace_module(parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
@@ -125,8 +161,10 @@ class LoraModel(BaseTuner):
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """Freezes everything but adapter weights, then re-enables biases per each adapter's ``bias`` mode."""
+        # Adapter weights are what tuner layers hold besides base_layer: a base module merely *named* lora_… freezes.
+        adapter_prefixes = _get_tuner_state_dict_key_prefixes(model)
         for name, param in model.named_parameters():
-            if self.prefix not in name and "modules_to_save" not in name:
+            if not _is_key_under_prefixes(name, adapter_prefixes) and "modules_to_save" not in name:
                 param.requires_grad = False
         for active_adapter in self.active_adapters:
             bias = self.peft_config[active_adapter].bias
@@ -156,5 +194,23 @@ class LoraModel(BaseTuner):
             if isinstance(module, LoraLayer):
                 module.set_scale(adapter, scale)
 
-    def add_weighted_adapter(self, *args, **kwargs):
-        raise NotImplementedError("add_weighted_adapter is not implemented by peft_kernels yet.")
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Adds ``adapter_name``, the weighted combination of ``adapters`` (types and math: ``lora/weighted.py``)."""
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
+            svd_driver, density, majority_sign_method,
+        )  # fmt: skip

@@ -1,0 +1,107 @@
+"""Issue #18 item 3 (behaviour bugs that changed results), one test per bullet, each against real peft 0.21.2:
+both libraries run the same steps on the same tiny model and must end in the same observable state."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import peft_kernels as pk
+
+pytestmark = [pytest.mark.usefixtures("one_thread_quiet"), pytest.mark.oracle]
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def _libs():
+    return (pytest.importorskip("peft"), pk)
+
+
+def _trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_get_peft_model_twice_warns_and_goes_on():
+    results = []
+    for lib in _libs():
+        base = _mlp()
+        lib.get_peft_model(base, lib.LoraConfig(target_modules=["0"]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = lib.get_peft_model(base, lib.LoraConfig(target_modules=["0"]))
+        messages = [str(w.message) for w in caught]
+        assert any("modify a model with PEFT for a second time" in m for m in messages)
+        results.append((list(model.peft_config), model(torch.ones(1, 4)).shape))
+    assert results[0] == results[1]
+
+
+def test_base_module_named_lora_is_frozen():
+    results = []
+    for lib in _libs():
+        net = nn.Sequential()
+        net.add_module("lora_head", nn.Linear(4, 4))
+        net.add_module("lin", nn.Linear(4, 4))
+        results.append(_trainable(lib.get_peft_model(net, lib.LoraConfig(target_modules=["lin"]))))
+    assert (
+        results[1]
+        == results[0]
+        == ["base_model.model.lin.lora_A.default.weight", "base_model.model.lin.lora_B.default.weight"]
+    )
+
+
+def test_targeted_module_names_lists_each_module_once():
+    results = []
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"]))
+        model.add_adapter("b", lib.LoraConfig(target_modules=["0", "2"]))
+        results.append(model.targeted_module_names)
+    assert results[1] == results[0] == ["0", "2"]
+
+
+def test_disable_adapter_keeps_layers_disabled_before_entry():
+    results = []
+    x = torch.randn(2, 4)
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], init_lora_weights=False))
+        states = []
+        with model.disable_adapter():  # enabled before: enabled after
+            pass
+        states.append(model.base_model.model[0].disable_adapters)
+        model.base_model.disable_adapter_layers()
+        with model.disable_adapter():
+            with model.disable_adapter():
+                pass
+        states.append(model.base_model.model[0].disable_adapters)
+        with torch.no_grad():
+            states.append(
+                torch.equal(model(x), model.base_model.model[2](torch.relu(model.base_model.model[0].base_layer(x))))
+            )
+        results.append(states)
+    assert results[1] == results[0] == [False, True, True]
+
+
+def test_delete_unmerged_adapter_keeps_other_merged():
+    results = []
+    x = torch.randn(2, 4)
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], init_lora_weights=False))
+        model.add_adapter("b", lib.LoraConfig(target_modules=["0"], init_lora_weights=False))
+        with torch.no_grad():
+            expected = model(x)
+            model.base_model.model[0].merge(adapter_names=["default"])
+            model.delete_adapter("b")
+            out = model(x)
+        results.append(
+            (
+                model.base_model.model[0].merged_adapters,
+                model.active_adapters,
+                torch.allclose(out, expected, atol=1e-5),
+            )
+        )
+    assert results[1] == results[0] == (["default"], ["default"], True)
