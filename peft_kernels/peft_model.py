@@ -358,8 +358,6 @@ class TunerModelStatus:
 
 
 def _base_of(model):
-    from ..peft_model import PeftModel
-
     if isinstance(model, PeftModel):
         if model._is_prompt_learning:
             raise TypeError(
@@ -417,8 +415,6 @@ def _agg(values):
 
 def get_model_status(model: Any) -> TunerModelStatus:
     """The layers' statuses aggregated; a field that differs between layers is "irregular" (PEFT's rules)."""
-    from ..peft_model import PeftModel
-
     layers = get_layer_status(model)
     if isinstance(model, PeftModel):
         base_model_type = model.get_base_model().__class__.__name__
