@@ -10,8 +10,9 @@ Resolution for one call of ``torch.ops.peft_kernels.<op>``:
    tensors only when forced, for tests). CUDA tensors: ``PRIORITY``.
 
 The choice is made once per call signature (op, forced backend, priority list, and for every tensor argument its
-device, dtype, shape, strides, requires_grad and 16-byte alignment: everything the checks read) and cached, so a repeated call
-costs one dictionary lookup; the implementations never check again. A named backend (1 or 2) that cannot run
+device, dtype, shape, strides, requires_grad and 16-byte alignment: everything the checks read) and cached, so a
+repeated call costs one dictionary lookup (CPU tensors with automatic choice: one lookup per op, nothing else is
+read); the implementations never check again. A named backend (1 or 2) that cannot run
 raises ``NotImplementedError`` listing every backend's reasons: never a silent fallback when the user asked for
 one. Automatic choice (3) always ends at the reference, which runs everything.
 """

@@ -1,7 +1,8 @@
 """Prefix key/value writes as registered (mutating) ops plus their autograd Functions.
 
 ``prefix_kv_fill`` (public; ``prefix_kv_write`` is its former name) → ``PrefixFillFunction`` →
-``torch.ops.peft_kernels.prefix_kv_fill`` (forward) and ``prefix_kv_fill_bwd`` (backward); ``kv_append`` (public) → ``KvAppendFunction`` → ``torch.ops.peft_kernels.kv_append``.
+``torch.ops.peft_kernels.prefix_kv_fill`` (forward) and ``prefix_kv_fill_bwd`` (backward);
+``kv_append`` (public) → ``KvAppendFunction`` → ``torch.ops.peft_kernels.kv_append``.
 Shapes and semantics: ``backends/reference/prefix.py``.
 
 How a cache uses them (``layers/prefix.py`` ``PrefixKVBuffers``, ``tuners/prefix_cache_builder.py``)::

@@ -7,6 +7,11 @@ Semantics (n active adapters, a = 1..n)::
     S_a = x̂_a · A_aᵀ                   [M, r_a], kept in acc_a = promote_types(A_a.dtype, float32)
     y   = x · Wᵀ + b + Σ_a s_a · (S_a · B_aᵀ + b_Ba)        [M, N], dtype of x
 
+W is ``weight`` itself, or for a quantized base ``formats.dequantize(weight, weight_scale, x.dtype)`` (int8:
+``(weight_int8 · weight_scale[:, None])`` in promote_types(x.dtype, float32), rounded once to x's dtype); neither
+``weight`` nor ``weight_scale`` of a quantized base receives a gradient. With ``keep_masks`` the forward also
+returns each m_a (p_a > 0) after the S_a, and the backward reads them instead of regenerating them.
+
 Backward (W frozen, dW is the autograd Function's business)::
 
     dS_a = s_a · dY · B_a               [M, r_a]   (acc_a)
