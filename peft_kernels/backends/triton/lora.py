@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import _configs, interpreting
-from .dropout import dropout_keep
+from .dropout import dropout_keep, keep_threshold
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Pinned FMA contraction (Triton 3.10 flips the default of TRITON_DEFAULT_FP_FUSION to off).
@@ -83,6 +83,29 @@ def _dot_acc(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _lora_dot(a, b, acc, BASE_TY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a·b for a LoRA-term dot of a kernel whose base GEMM runs in BASE_TY (x's dtype).
+
+    fp32 × fp32 (fp32 adapters against fp32 S or dS) in a 16-bit kernel runs as three bf16 dots,
+    a_hi·b_hi + a_hi·b_lo + a_lo·b_hi with v = v_hi + v_lo + O(2**-18·|v|) (bf16 keeps fp32's range, fp16 would
+    not), unless PREC is "tf32" (torch allows TF32, which is cheaper still). Relative error ~3·2**-18 per
+    product, far below the 16-bit output's rounding; tf32x3 here made ptxas spill the whole wgmma accumulator
+    on every large tile (255 registers). Everything else goes to ``_dot_acc``.
+    """
+    if a.dtype == tl.float32 and b.dtype == tl.float32 and BASE_TY != tl.float32 and PREC != "tf32":
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = _mma(a_hi, b_lo, acc, PREC, UPCAST)  # the small terms first
+        acc = _mma(a_lo, b_hi, acc, PREC, UPCAST)
+        acc = _mma(a_hi, b_hi, acc, PREC, UPCAST)
+    else:
+        acc = _dot_acc(a, b, acc, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of a 1-D launch, grouped GROUP_M row-tiles at a time so neighbours share W tiles in L2."""
     pid = tl.program_id(0)
@@ -109,7 +132,7 @@ def _reduce_store(ptrs, val, mask, ATOMIC: tl.constexpr):
 @triton.jit
 def _lora_term(
     acc, s_ptr, b_ptr, rows, cols, r, s_mult, stride_sm, stride_sr, stride_bn, stride_br,
-    LORA_CHUNK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    LORA_CHUNK: tl.constexpr, BASE_TY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """acc + (s_mult·S[rows, :])·B[cols, :]ᵀ in rank chunks of LORA_CHUNK (a 16-bit dot needs K >= 16; the last
     chunk is padded with zeros). S: (M, r) fp32; B: (N, r). s_mult scales the [BLOCK_M, LORA_CHUNK] S tile (one
@@ -120,7 +143,7 @@ def _lora_term(
         rr = r0 + offs_c
         s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < r, other=0.0)
         b_t = tl.load(b_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn, mask=rr[:, None] < r, other=0.0)
-        acc = _dot_acc(s_tile * s_mult, b_t, acc, PREC, UPCAST)
+        acc = _lora_dot(s_tile * s_mult, b_t, acc, BASE_TY, PREC, UPCAST)
     return acc
 
 
@@ -174,6 +197,7 @@ def _lora_shrink_kernel(
     k_end = tl.minimum(K, k_start + k_tiles_per_split * BLOCK_K)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
+        threshold = keep_threshold(p)
     # int64 row offsets: M·stride_xm may exceed 2**31.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     a_cols = a_ptr + offs_r.to(tl.int64)[None, :] * stride_ar
@@ -186,7 +210,7 @@ def _lora_shrink_kernel(
             x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
         )
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+            x = tl.where(dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_K), x, 0.0)
         a_t = tl.load(  # Aᵀ tile [BLOCK_K, BLOCK_R]
             a_cols + offs_k.to(tl.int64)[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0
         )
@@ -271,7 +295,7 @@ def _linear_lora_fwd_kernel(
     if not IS_INT8:
         acc = _lora_term(
             acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br,
-            LORA_CHUNK, PREC, UPCAST,
+            LORA_CHUNK, x_ptr.dtype.element_ty, PREC, UPCAST,
         )  # fmt: skip
 
     # ---- base GEMM x·Wᵀ into the same accumulator
@@ -299,7 +323,7 @@ def _linear_lora_fwd_kernel(
         acc = acc * tl.load(wscale_ptr + cols * stride_ws)[None, :]
         acc = _lora_term(
             acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br,
-            LORA_CHUNK, PREC, UPCAST,
+            LORA_CHUNK, x_ptr.dtype.element_ty, PREC, UPCAST,
         )  # fmt: skip
 
     # ---- epilogue: biases in fp32, one rounding to y's dtype
@@ -329,6 +353,7 @@ def _lora_bwd_dys_dyb_kernel(
     N,
     r,
     n_tiles_per_split,
+    db_slots,
     scaling,
     # Strides
     stride_dym,
@@ -354,7 +379,9 @@ def _lora_bwd_dys_dyb_kernel(
     """Rows [pid_m·BLOCK_M, +BLOCK_M) × this split's columns of dY, each dY tile read once for both products.
 
     dY: (M, N); B: (N, r); S: (M, r) fp32. dS: (splits_n, M, r) fp32 (stride_dss = 0 when atomic);
-    dB: (M blocks, N, r) fp32 (stride_dbs = 0 when atomic). Both already scaled by s.
+    dB: (db_slots, N, r) fp32, row block pid_m adding into slot pid_m % db_slots: one slot per row block (plain
+    stores, deterministic mode), or a few slots shared atomically (the first level of a two-level sum: at M = 8192
+    128 row blocks would otherwise make 128-way fp32 atomics on each dB address). Both already scaled by s.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -391,7 +418,10 @@ def _lora_bwd_dys_dyb_kernel(
         if NEED_DB:
             db = _dot_acc(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), PREC, UPCAST)
             db_ptrs = (
-                db_ptr + pid_m.to(tl.int64) * stride_dbs + offs_n.to(tl.int64)[:, None] * stride_dbn + offs_r[None, :]
+                db_ptr
+                + (pid_m % db_slots).to(tl.int64) * stride_dbs
+                + offs_n.to(tl.int64)[:, None] * stride_dbn
+                + offs_r[None, :]
             )
             _reduce_store(db_ptrs, db * scaling, mask_n[:, None] & mask_r[None, :], ATOMIC_DB)
     ds_ptrs = ds_ptr + pid_n.to(tl.int64) * stride_dss + rows[:, None] * stride_dsm + offs_r[None, :]
@@ -466,10 +496,10 @@ def _linear_lora_bwd_dx_kernel(
         rr = r0 + offs_c
         ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rr[None, :] * stride_dsr, mask=rr[None, :] < r, other=0.0)
         a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak, mask=rr[:, None] < r, other=0.0)
-        lora = _dot_acc(ds, a, lora, PREC, UPCAST)
+        lora = _lora_dot(ds, a, lora, dy_ptr.dtype.element_ty, PREC, UPCAST)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        lora = tl.where(dropout_keep(seed, offs_m, offs_n, K, p), lora * inv_keep, 0.0)
+        keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, K, keep_threshold(p), BLOCK_N)
+        lora = tl.where(keep, lora * inv_keep, 0.0)
 
     # ---- base GEMM dY·W
     acc = lora
@@ -544,6 +574,7 @@ def _lora_bwd_da_kernel(
     m_end = tl.minimum(M, m_start + m_tiles_per_split * BLOCK_M)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
+        threshold = keep_threshold(p)
     cols = offs_k.to(tl.int64)
 
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -557,7 +588,7 @@ def _lora_bwd_da_kernel(
             other=0.0,
         )
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+            x = tl.where(dropout_keep(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_K), x, 0.0)
         ds = tl.load(  # dS rows past the split load as zeros
             ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
             mask=mask_m[:, None] & mask_r[None, :],
@@ -808,13 +839,19 @@ def backward(dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, drop
         m_blocks = triton.cdiv(M, block_m)
         splits_n, per_n = _splits(m_blocks, triton.cdiv(N, block_n), num_sms)
         ds_buf, stride_dss, atomic_ds = _reduction_buffer(splits_n, (M, r), x.device)
-        if need_adapters:
+        if not need_adapters:
+            db_buf, stride_dbs, atomic_db, db_slots = ds_buf, 0, False, 1  # unused pointer (NEED_DB=False)
+        elif m_blocks > 1 and not torch.are_deterministic_algorithms_enabled():
+            # two levels: atomics into a few (N, r) slots (row block i into slot i % slots), then one torch sum
+            db_slots = min(m_blocks, _configs.DB_ATOMIC_SLOTS)
+            db_buf = torch.zeros((db_slots, N, r), dtype=torch.float32, device=x.device)
+            stride_dbs, atomic_db = db_buf.stride(0), True
+        else:  # one row block (plain stores), or the deterministic workspace (one slot per row block)
             db_buf, stride_dbs, atomic_db = _reduction_buffer(m_blocks, (N, r), x.device)
-        else:
-            db_buf, stride_dbs, atomic_db = ds_buf, 0, False  # unused pointer (NEED_DB=False)
+            db_slots = m_blocks if stride_dbs else 1
         _lora_bwd_dys_dyb_kernel[(m_blocks, splits_n)](
             dy, b, shrink, ds_buf, db_buf,
-            M, N, r, per_n, s,
+            M, N, r, per_n, db_slots, s,
             dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), shrink.stride(0), shrink.stride(1),
             stride_dss, ds_buf.stride(-2), stride_dbs, db_buf.stride(-2),
             BLOCK_R=rank_block, NEED_DB=need_adapters, ATOMIC_DS=atomic_ds, ATOMIC_DB=atomic_db,
