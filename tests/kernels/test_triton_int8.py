@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -151,6 +152,52 @@ if not INTERPRETING:
         args = (x, cb, ws, None, [torch.randn(2, 16)], [torch.randn(8, 2)], [None], [1.0], [0.0], None)
         reasons = tri8.not_supported_reasons("lora_linear_int8_fwd", *args)
         assert any("cpu" in r for r in reasons), reasons
+
+    # -----------------------------------------------------------------------------------------------------------
+    # sm_90 code shape: the converted W tile feeds wgmma from registers (TTGIR of an AOT compile, no GPU)
+    # -----------------------------------------------------------------------------------------------------------
+
+    _SSA_DEF = re.compile(r"^\s*(%[\w#]+)(?::\d+)? = (\S+)")
+
+    @pytest.mark.parametrize("op", ["linear_lora_fwd", "linear_lora_bwd_dx"])
+    def test_int8_w_tile_goes_to_wgmma_from_registers_on_sm90(op):
+        """wgmma reads its first operand from registers and its second from shared memory. The int8 kernels put the
+        converted W tile first (yᵀ = W·xᵀ, dxᵀ = W_deqᵀ·dYᵀ), so no K step writes it back to shared memory: in the
+        TTGIR no int8 -> float conversion result reaches a ``ttg.local_alloc`` / ``local_store``, and a
+        ``warp_group_dot`` takes a [BLOCK_N, k] register operand (``#ttg.dot_op<{opIdx = 0``)."""
+        triton = pytest.importorskip("triton")
+        from peft_kernels.backends.triton import _configs, lora
+
+        if not isinstance(lora._linear_lora_fwd_kernel, triton.runtime.JITFunction):
+            pytest.skip("kernels are interpreted functions; AOT compile needs the JIT ones")
+        import test_triton_aot as aot  # the AOT test's compile helpers (same directory)
+
+        config = _configs._gemm(128, 256, 64, 8, 8, 3)  # the sm_90 large tile
+        v = aot._variant(op, 90, "bf16", "fp32", 16, config, op == "linear_lora_bwd_dx", int8=True)
+        ttgir = aot.compile_variant(v).asm["ttgir"]
+        converted = set()  # SSA values derived from the int8 tile by elementwise conversion
+        for line in ttgir.splitlines():
+            m = _SSA_DEF.match(line)
+            if not m:
+                continue
+            name, opname = m.groups()
+            if opname == "arith.sitofp" or (
+                opname in ("arith.mulf", "arith.truncf", "ttg.convert_layout") and any(c in line for c in converted)
+            ):
+                converted.add(name)
+        assert converted, "no arith.sitofp in the TTGIR: the int8 conversion moved, update this test"
+        stores = [
+            ln.strip()
+            for ln in ttgir.splitlines()
+            if ("ttg.local_alloc %" in ln or "ttg.local_store %" in ln)
+            and re.search(r"ttg\.local_(?:alloc|store) (%[\w#]+)", ln).group(1) in converted
+        ]
+        assert not stores, "the converted W tile is written to shared memory:\n" + "\n".join(stores[:5])
+        register_a = [
+            ln for ln in ttgir.splitlines() if "ttng.warp_group_dot" in ln and "tensor<256x" in ln.split("*")[0]
+            and "#ttg.dot_op<{opIdx = 0" in ln.split("*")[0]
+        ]  # fmt: skip
+        assert register_a, "no warp_group_dot takes the [BLOCK_N, k] W tile as a register operand"
 
     # -----------------------------------------------------------------------------------------------------------
     # GPU

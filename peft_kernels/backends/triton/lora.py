@@ -106,6 +106,16 @@ def _lora_dot(a, b, acc, BASE_TY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.c
 
 
 @triton.jit
+def _int8_to(w, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """An int8 W tile in ``dtype``, exact (integers <= 127 fit bf16's 8-bit significand): tl.dot needs equal
+    operand dtypes, and an int8 x int8 dot would accumulate in int32 (KERNELS.md §10.8). Under the interpreter via
+    fp32: triton 3.9's interpreter casts int8 -> bf16 by reinterpreting bits (-120 -> nan)."""
+    if UPCAST:
+        return w.to(tl.float32).to(dtype)
+    return w.to(dtype)
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of a 1-D launch, grouped GROUP_M row-tiles at a time so neighbours share W tiles in L2."""
     pid = tl.program_id(0)
@@ -290,41 +300,40 @@ def _linear_lora_fwd_kernel(
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
 
-    # ---- LoRA term s·S·Bᵀ seeds the accumulator (16-bit bases; an int8 base adds it after its scale, below)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if not IS_INT8:
-        acc = _lora_term(
-            acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br,
-            LORA_CHUNK, x_ptr.dtype.element_ty, PREC, UPCAST,
-        )  # fmt: skip
-
-    # ---- base GEMM x·Wᵀ into the same accumulator
     # Pointer increments BLOCK_K·stride are 32-bit: fine while a stride along K stays below 2**31 / BLOCK_K.
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
-    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k.to(tl.int64)[:, None] * stride_wk  # Wᵀ tile [BLOCK_K, BLOCK_N]
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
-        w_t = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
-        if IS_INT8:
-            # int8 -> x's dtype in registers: exact (integers <= 127 fit bf16's 8-bit significand); tl.dot needs
-            # equal operand dtypes, and an int8 x int8 dot would accumulate in int32 (KERNELS.md §10.8).
-            if UPCAST:
-                # triton 3.9's interpreter casts int8 -> bf16 by reinterpreting bits (-120 -> nan); via fp32 is exact.
-                w_t = w_t.to(tl.float32).to(x.dtype)
-            else:
-                w_t = w_t.to(x.dtype)
-        acc = _dot_acc(x, w_t, acc, PREC, UPCAST)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
     if IS_INT8:
+        # ---- base GEMM as yᵀ = W·xᵀ: the converted W tile is the MMA's first operand, which wgmma (sm_90) takes
+        # from registers; as the second operand it would go back to shared memory before every MMA.
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k.to(tl.int64)[None, :] * stride_wk  # W [BLOCK_N, BLOCK_K]
+        xt_ptrs = x_ptr + rows[None, :] * stride_xm + offs_k.to(tl.int64)[:, None] * stride_xk  # xᵀ [BLOCK_K, BLOCK_M]
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+            x_t = tl.load(xt_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+            acc_t = _dot_acc(_int8_to(w, x_t.dtype, UPCAST), x_t, acc_t, PREC, UPCAST)
+            w_ptrs += BLOCK_K * stride_wk
+            xt_ptrs += BLOCK_K * stride_xk
         # ---- per-row scale on the fp32 base sum (one multiply per output), then the unscaled LoRA term
-        acc = acc * tl.load(wscale_ptr + cols * stride_ws)[None, :]
+        acc = tl.trans(acc_t) * tl.load(wscale_ptr + cols * stride_ws)[None, :]
         acc = _lora_term(
             acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br,
             LORA_CHUNK, x_ptr.dtype.element_ty, PREC, UPCAST,
         )  # fmt: skip
+    else:
+        # ---- LoRA term s·S·Bᵀ seeds the accumulator, then the base GEMM x·Wᵀ adds into it
+        acc = _lora_term(
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, rows, cols, r, scaling,
+            stride_sm, stride_sr, stride_bn, stride_br, LORA_CHUNK, x_ptr.dtype.element_ty, PREC, UPCAST,
+        )  # fmt: skip
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
+        w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k.to(tl.int64)[:, None] * stride_wk  # Wᵀ [BLOCK_K, BLOCK_N]
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+            w_t = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+            acc = _dot_acc(x, w_t, acc, PREC, UPCAST)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
 
     # ---- epilogue: biases in fp32, one rounding to y's dtype
     if HAS_BIAS:
@@ -501,25 +510,37 @@ def _linear_lora_bwd_dx_kernel(
         keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, K, keep_threshold(p), BLOCK_N)
         lora = tl.where(keep, lora * inv_keep, 0.0)
 
-    # ---- base GEMM dY·W
-    acc = lora
     offs_k = tl.arange(0, BLOCK_K)
-    dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_k.to(tl.int64)[None, :] * stride_dyn
-    w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk  # W tile [BLOCK_K, BLOCK_N]
-    for k0 in range(0, N, BLOCK_K):
-        dy = tl.load(dy_ptrs, mask=offs_k[None, :] < N - k0, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < N - k0, other=0.0)
-        if IS_INT8:
-            # Dequantize the [BLOCK_K, BLOCK_N] tile: (int8 -> fp32)·scale[n] rounded once to dY's dtype, which is
-            # bit for bit the reference's W_deq = (W_int8·scale).to(x.dtype), so the kernel differs from eager
-            # dY·W_deq only in summation order. The alternative, (dY⊙scale) rounded to 16 bits against an exact
-            # int8 tile, has a rounding of the same size (2**-9 bf16) but not the reference's, and converts both
-            # tiles (dY scaled + W to 16-bit) where this converts one.
+    if IS_INT8:
+        # ---- base GEMM as dxᵀ = W_deqᵀ·dYᵀ: the dequantized W tile is the MMA's first operand, which wgmma (sm_90)
+        # takes from registers; as the second operand it would go back to shared memory before every MMA.
+        acc_t = tl.trans(lora)
+        wt_ptrs = w_ptr + cols[:, None] * stride_wk + offs_k.to(tl.int64)[None, :] * stride_wn  # Wᵀ [BLOCK_N, BLOCK_K]
+        dyt_ptrs = dy_ptr + rows[None, :] * stride_dym + offs_k.to(tl.int64)[:, None] * stride_dyn  # dYᵀ [BK, BM]
+        for k0 in range(0, N, BLOCK_K):
+            w_t = tl.load(wt_ptrs, mask=offs_k[None, :] < N - k0, other=0)
+            dy_t = tl.load(dyt_ptrs, mask=offs_k[:, None] < N - k0, other=0.0)
+            # Dequantize the tile: (int8 -> fp32)·scale[n] rounded once to dY's dtype, which is bit for bit the
+            # reference's W_deq = (W_int8·scale).to(x.dtype), so the kernel differs from eager dY·W_deq only in
+            # summation order. The alternative, (dY⊙scale) rounded to 16 bits against an exact int8 tile, has a
+            # rounding of the same size (2**-9 bf16) but not the reference's, and converts both tiles.
             ws = tl.load(wscale_ptr + (k0 + offs_k) * stride_ws, mask=offs_k < N - k0, other=0.0)
-            w = (w.to(tl.float32) * ws[:, None]).to(dy.dtype)
-        acc = _dot_acc(dy, w, acc, PREC, UPCAST)
-        dy_ptrs += BLOCK_K * stride_dyn
-        w_ptrs += BLOCK_K * stride_wn
+            w_t = (w_t.to(tl.float32) * ws[None, :]).to(dy_t.dtype)
+            acc_t = _dot_acc(w_t, dy_t, acc_t, PREC, UPCAST)
+            wt_ptrs += BLOCK_K * stride_wn
+            dyt_ptrs += BLOCK_K * stride_dyn
+        acc = tl.trans(acc_t)
+    else:
+        # ---- base GEMM dY·W into the masked LoRA term
+        acc = lora
+        dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_k.to(tl.int64)[None, :] * stride_dyn
+        w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk  # W [BLOCK_K, BLOCK_N]
+        for k0 in range(0, N, BLOCK_K):
+            dy = tl.load(dy_ptrs, mask=offs_k[None, :] < N - k0, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < N - k0, other=0.0)
+            acc = _dot_acc(dy, w, acc, PREC, UPCAST)
+            dy_ptrs += BLOCK_K * stride_dyn
+            w_ptrs += BLOCK_K * stride_wn
 
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_n[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
