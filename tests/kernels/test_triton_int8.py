@@ -9,9 +9,8 @@
   strided x, transposed int8 weight; output SQNR against unquantized fp32 weights >= INT8_MIN_SQNR_DB (y and dx);
   S, dx, dA, dB bitwise equal to the 16-bit Triton kernels run on the dequantized weight (same Philox mask, same
   W tile bits in B2); ops.lora_linear_int8 autograd with backend="triton"; capability reasons.
-- Ahead of time (no GPU): F2 and B2 with IS_INT8=True for sm_80 and sm_90 (``tl.dot`` never sees int8) under the
-  shared-memory limit. A representative subset (12 compiles), not the full kernel × dtype × config product (84
-  compiles, ~15 CPU-minutes on 2 cores, run once: all compile and fit); ``int8_jobs`` says what and why.
+- Ahead of time (no GPU): F2 and B2 with IS_INT8=True for sm_80 and sm_90 at every config the autotuner can pick
+  are compiled, spill-checked and shared-memory-checked by test_triton_aot.py (its ``ci_variants``).
 - GPU (``@pytest.mark.gpu``): Llama-size M = 4096, K = N = 4096, r = 16 and awkward shapes on CUDA, the same rules.
 
 Weights are quantized by a pure-torch row-wise absmax quantizer (what bitsandbytes' ``int8_vectorwise_quant``
@@ -20,11 +19,9 @@ computes: CB = round(127·W/absmax_n), SCB = absmax_n, weight_scale = SCB/127), 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
 import os
-import time
+import re
 
 import pytest
 import torch
@@ -157,93 +154,50 @@ if not INTERPRETING:
         assert any("cpu" in r for r in reasons), reasons
 
     # -----------------------------------------------------------------------------------------------------------
-    # Ahead-of-time compile of the IS_INT8 variants (sm_80, sm_90), shared-memory check
+    # sm_90 code shape: the converted W tile feeds wgmma from registers (TTGIR of an AOT compile, no GPU)
     # -----------------------------------------------------------------------------------------------------------
 
-    def _aot():
+    _SSA_DEF = re.compile(r"^\s*(%[\w#]+)(?::\d+)? = (\S+)")
+
+    @pytest.mark.parametrize("op", ["linear_lora_fwd", "linear_lora_bwd_dx"])
+    def test_int8_w_tile_goes_to_wgmma_from_registers_on_sm90(op):
+        """wgmma reads its first operand from registers and its second from shared memory. The int8 kernels put the
+        converted W tile first (yᵀ = W·xᵀ, dxᵀ = W_deqᵀ·dYᵀ), so no K step writes it back to shared memory: in the
+        TTGIR no int8 -> float conversion result reaches a ``ttg.local_alloc`` / ``local_store``, and a
+        ``warp_group_dot`` takes a [BLOCK_N, k] register operand (``#ttg.dot_op<{opIdx = 0``)."""
         triton = pytest.importorskip("triton")
-        from peft_kernels.backends.triton import lora
+        from peft_kernels.backends.triton import _configs, lora
 
         if not isinstance(lora._linear_lora_fwd_kernel, triton.runtime.JITFunction):
             pytest.skip("kernels are interpreted functions; AOT compile needs the JIT ones")
-        import test_triton_aot  # the LoRA AOT test's compile_kernel and example arguments (same directory)
+        import test_triton_aot as aot  # the AOT test's compile helpers (same directory)
 
-        return test_triton_aot
-
-    # Element type of the int8 variants' weight pointer.
-    _INT8_WEIGHT = {"w_ptr": "*i8", "IS_INT8": True}
-
-    def int8_jobs() -> list[tuple]:
-        """(op, cap, x dtype, adapter dtype, rank, config kwargs, warps, stages, dropout) of every int8 compile.
-
-        Whether the IS_INT8 branch lowers depends on the arch, the MMA path, the dtypes and the constexpr flags,
-        not on tile sizes; so per kernel (12 compiles in all):
-        - sm_80 and sm_90: the first decode config (16-row tile: mma v2 on both archs, the converted W tile a
-          register operand), bf16 x, fp32 adapters, dropout on (B2's Philox epilogue; F2 has none);
-        - the config with the largest int8 footprint, (128, 256, 64, 8 warps): bf16 on sm_80, fp32 x (BLOCK_K
-          halved) on sm_90 (the shared-memory checks);
-        - sm_90: (64, 256, 64, 4 warps) in bf16, the wgmma path, where Triton stores the converted B tile back to
-          shared memory (a buffer the 16-bit kernels do not have);
-        - sm_80: the first "small" config with fp16 x and fp16 adapters (same-dtype LoRA dots), dropout on.
-        The full product (2 kernels x 2 archs x fp32/fp16/bf16 x 7 configs = 84 compiles, fp32 adapters, triton
-        3.9) was compiled once, ~15 CPU-minutes on a loaded 2-core box: all compile; the largest footprints are
-        131072 B (sm_90, (128, 256, 32) fp32) and 66048 B (sm_80, (128, 256, 64) bf16, B2), against limits of
-        232448 and 166912 B; fp16 lowers to the same sizes as bf16 everywhere.
-        """
-        from peft_kernels.backends.triton import _configs
-
-        aot = _aot()
-        jobs = []
-        for op in _configs.GEMM_OPS:
-            for cap in (80, 90):
-                table = _configs.CUDA_GEMM_CONFIGS[cap]
-                largest = max(table["large"], key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-                jobs.append(aot._make_job(op, cap, "bf16", "fp32", 17, table["decode"][0], True))
-                if cap == 80:
-                    jobs.append(aot._make_job(op, cap, "bf16", "fp32", 16, largest, False))
-                    jobs.append(aot._make_job(op, cap, "fp16", "fp16", 17, table["small"][0], True))
-                else:
-                    fp32_largest = _configs.for_element_size([largest], 4)[0]
-                    jobs.append(aot._make_job(op, cap, "fp32", "fp32", 16, fp32_largest, False))
-                    wgmma = next(c for c in table["large"] if c.kwargs["BLOCK_M"] == 64 and c.num_warps == 4)
-                    jobs.append(aot._make_job(op, cap, "bf16", "fp32", 16, wgmma, False))
-        return jobs
-
-    def _int8_job(job):
-        """Pool worker: (job, shared bytes or None, error text or None, seconds)."""
-        import test_triton_aot as aot
-        import triton
-
-        op, cap, xd, ad, rank, kwargs, warps, stages, dropout = job
-        config = triton.Config(dict(kwargs), num_warps=warps, num_stages=stages)
-        start = time.perf_counter()
-        try:
-            compiled = aot.compile_kernel(op, cap, xd, ad, rank, config, dropout, overrides=_INT8_WEIGHT)
-            return job, compiled.metadata.shared, None, time.perf_counter() - start
-        except Exception as exc:  # every failure is reported, not just the first
-            return job, None, f"{type(exc).__name__}: {str(exc)[:400]}", time.perf_counter() - start
-
-    def test_int8_kernels_compile_and_fit_shared_memory():
-        from peft_kernels.backends.triton import _configs
-
-        jobs = int8_jobs()
-        workers = max(1, min(4, os.cpu_count() or 1))
-        start = time.perf_counter()
-        ctx = multiprocessing.get_context("spawn")  # workers must not inherit a forked torch/triton state
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            results = list(pool.map(_int8_job, jobs))
-        elapsed = time.perf_counter() - start
-        failures = []
-        for job, shared, error, _seconds in results:
-            op, cap, xd, ad, rank, kwargs, warps, stages, dropout = job
-            label = f"{op} IS_INT8 sm_{cap} x={xd} adapters={ad} dropout={dropout} {dict(kwargs)} w{warps} s{stages}"
-            if error is not None:
-                failures.append(f"{label}: compile failed: {error}")
-            elif shared > _configs.SHARED_MEMORY_LIMIT[cap]:
-                failures.append(f"{label}: shared memory {shared} B > limit {_configs.SHARED_MEMORY_LIMIT[cap]} B")
-        assert not failures, f"{len(failures)} of {len(jobs)} compiles failed ({elapsed:.0f} s):\n" + "\n".join(
-            failures
-        )
+        config = _configs._gemm(128, 256, 64, 8, 8, 3)  # the sm_90 large tile
+        v = aot._variant(op, 90, "bf16", "fp32", 16, config, op == "linear_lora_bwd_dx", int8=True)
+        ttgir = aot.compile_variant(v).asm["ttgir"]
+        converted = set()  # SSA values derived from the int8 tile by elementwise conversion
+        for line in ttgir.splitlines():
+            m = _SSA_DEF.match(line)
+            if not m:
+                continue
+            name, opname = m.groups()
+            if opname == "arith.sitofp" or (
+                opname in ("arith.mulf", "arith.truncf", "ttg.convert_layout") and any(c in line for c in converted)
+            ):
+                converted.add(name)
+        assert converted, "no arith.sitofp in the TTGIR: the int8 conversion moved, update this test"
+        stores = [
+            ln.strip()
+            for ln in ttgir.splitlines()
+            if ("ttg.local_alloc %" in ln or "ttg.local_store %" in ln)
+            and re.search(r"ttg\.local_(?:alloc|store) (%[\w#]+)", ln).group(1) in converted
+        ]
+        assert not stores, "the converted W tile is written to shared memory:\n" + "\n".join(stores[:5])
+        register_a = [
+            ln for ln in ttgir.splitlines() if "ttng.warp_group_dot" in ln and "tensor<256x" in ln.split("*")[0]
+            and "#ttg.dot_op<{opIdx = 0" in ln.split("*")[0]
+        ]  # fmt: skip
+        assert register_a, "no warp_group_dot takes the [BLOCK_N, k] W tile as a register operand"
 
     # -----------------------------------------------------------------------------------------------------------
     # GPU

@@ -4,14 +4,15 @@ The LoRA kernels never store a dropout mask: they regenerate it from a per-call 
 specification of that mask, so the reference backend (and every test) reproduces the exact mask a Triton
 kernel draws, on any device.
 
-Semantics (Triton 3.x ``triton/language/random.py``)::
+Semantics (Triton 3.x ``triton/language/random.py``, ``tl.rand4x``)::
 
-    counter = (offset_lo, offset_hi, 0, 0)      # offset = m * cols + k, int64 split into two uint32 words
+    counter = (offset_lo, offset_hi, 0, 0)      # offset int64 split into two uint32 words
     key     = (seed_lo, seed_hi)                # seed int64 split into two uint32 words
     10 rounds:  c0' = hi(RB*c2) ^ c1 ^ k0 ; c2' = hi(RA*c0) ^ c3 ^ k1 ; c1' = lo(RB*c2) ; c3' = lo(RA*c0)
                 k0 += KA ; k1 += KB                   (all mod 2**32)
-    u = int32(c0) ; u = ~u if u < 0 ; uniform = u * 4.6566127342e-10   (float32, in [0, 1))
-    keep[m, k] = uniform >= p
+    per word c_j: u = int32(c_j) ; u = ~u if u < 0 ; uniform_j = u * 4.6566127342e-10   (float32, in [0, 1))
+    mask of an (M, K) matrix, one Philox call per 4 columns, all four words used:
+        offset = m * ceil(K / 4) + k // 4 ;  keep[m, k] = uniform_{k % 4}(seed, offset) >= p
 
 All arithmetic is done in int64 tensors masked to 32 bits, so it runs on CPU and CUDA alike.
 """
@@ -40,13 +41,20 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (product >> 32) & _MASK32, product & _MASK32
 
 
-def philox_uniform(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Tensor:
-    """uniform[i] = tl.rand(seed, offsets[i]) as float32.
+def _to_uniform(word: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float of a uint32 word held in int64: float32 in [0, 1)."""
+    as_int32 = torch.where(word >= 2**31, word - 2**32, word)
+    as_int32 = torch.where(as_int32 < 0, -as_int32 - 1, as_int32)  # ~x for negative x
+    return as_int32.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def philox_uniform4(seed: torch.Tensor | int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(u0, u1, u2, u3) = tl.rand4x(seed, offsets): the four float32 words of one Philox4x32-10 call per offset.
 
     Args:
         seed: int64 scalar (Python int or a one-element tensor).
         offsets: int64 tensor of any shape, values >= 0.
-    Returns: float32 tensor with the shape of ``offsets``.
+    Returns: four float32 tensors with the shape of ``offsets``.
     """
     offsets = offsets.to(torch.int64)
     if isinstance(seed, torch.Tensor):
@@ -66,23 +74,29 @@ def philox_uniform(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Ten
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    as_int32 = torch.where(c0 >= 2**31, c0 - 2**32, c0)
-    as_int32 = torch.where(as_int32 < 0, -as_int32 - 1, as_int32)  # ~x for negative x
-    return as_int32.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    return tuple(_to_uniform(c) for c in (c0, c1, c2, c3))
+
+
+def philox_uniform(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Tensor:
+    """uniform[i] = tl.rand(seed, offsets[i]) as float32: the first word of ``philox_uniform4``."""
+    return philox_uniform4(seed, offsets)[0]
 
 
 def lora_dropout_mask(seed: torch.Tensor | int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """keep[m, k] = philox_uniform(seed, m * cols + k) >= p, shape [rows, cols], bool.
+    """keep[m, k] = uniform_{k % 4}(seed, m * ceil(cols / 4) + k // 4) >= p, shape [rows, cols], bool.
 
-    The offset depends only on the logical coordinate, so a kernel with any tiling regenerates the same mask.
+    The offset depends only on the logical coordinate, so a kernel with any tiling (tiles start at multiples of 4
+    columns) regenerates the same mask; one Philox call covers 4 columns of a row.
     """
     if device is None:
         device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
-    offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).reshape(rows, cols)
-    return philox_uniform(seed, offsets) >= p
+    groups = (cols + 3) // 4
+    offsets = torch.arange(rows * groups, device=device, dtype=torch.int64).reshape(rows, groups)
+    words = torch.stack(philox_uniform4(seed, offsets), dim=-1)  # [rows, groups, 4]: column 4·group + j
+    return words.reshape(rows, groups * 4)[:, :cols] >= p
 
 
-# CPU tensors: the Philox spec above costs ~140 int64 passes over the M×K mask (seconds per LoRA'd layer on a
+# CPU tensors: the Philox spec above costs ~140 int64 passes over the M×K/4 counters (seconds per LoRA'd layer on a
 # 2-core box, measured 1.6 s at 512×768 vs 2 ms for torch.rand), which would make CPU training with dropout
 # 20× slower than PEFT. On CPU the reference therefore draws the mask from torch's CPU generator seeded with the
 # same per-call seed: same distribution, same mask in forward and backward, reproducible under

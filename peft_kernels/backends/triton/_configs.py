@@ -157,6 +157,10 @@ DA_CONFIGS: dict[int, triton.Config] = {
     128: _cfg(4, 3, BLOCK_M=32, BLOCK_K=64),
     256: _cfg(8, 2, BLOCK_M=32, BLOCK_K=32),
 }
+# B1's dB partials (one [BLOCK_N, R] product per row block and N tile) add atomically into this many fp32 slots of
+# (N, R), summed by torch afterwards: at M = 8192 (128 row blocks of 64) 8-way contention per address instead of
+# 128-way, for a 16·N·R·4 B workspace (4 MiB at N = 4096, R = 16).
+DB_ATOMIC_SLOTS = 16
 MEMORY_BOUND_CONFIGS = {"lora_shrink": SHRINK_CONFIGS, "lora_bwd_dys_dyb": DYS_DYB_CONFIGS, "lora_bwd_da": DA_CONFIGS}
 
 

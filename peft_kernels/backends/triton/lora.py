@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .. import bind
 from . import _configs, interpreting
-from .dropout import dropout_keep
+from .dropout import dropout_keep, keep_threshold
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Pinned FMA contraction (Triton 3.10 flips the default of TRITON_DEFAULT_FP_FUSION to off).
@@ -84,6 +84,39 @@ def _dot_acc(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _lora_dot(a, b, acc, BASE_TY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a·b for a LoRA-term dot of a kernel whose base GEMM runs in BASE_TY (x's dtype).
+
+    fp32 × fp32 (fp32 adapters against fp32 S or dS) in a 16-bit kernel runs as three bf16 dots,
+    a_hi·b_hi + a_hi·b_lo + a_lo·b_hi with v = v_hi + v_lo + O(2**-18·|v|) (bf16 keeps fp32's range, fp16 would
+    not), unless PREC is "tf32" (torch allows TF32, which is cheaper still). Relative error ~3·2**-18 per
+    product, far below the 16-bit output's rounding; tf32x3 here made ptxas spill the whole wgmma accumulator
+    on every large tile (255 registers). Everything else goes to ``_dot_acc``.
+    """
+    if a.dtype == tl.float32 and b.dtype == tl.float32 and BASE_TY != tl.float32 and PREC != "tf32":
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = _mma(a_hi, b_lo, acc, PREC, UPCAST)  # the small terms first
+        acc = _mma(a_lo, b_hi, acc, PREC, UPCAST)
+        acc = _mma(a_hi, b_hi, acc, PREC, UPCAST)
+    else:
+        acc = _dot_acc(a, b, acc, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _int8_to(w, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """An int8 W tile in ``dtype``, exact (integers <= 127 fit bf16's 8-bit significand): tl.dot needs equal
+    operand dtypes, and an int8 x int8 dot would accumulate in int32 (docs/KERNELS.md §10.8). Under the interpreter via
+    fp32: triton 3.9's interpreter casts int8 -> bf16 by reinterpreting bits (-120 -> nan)."""
+    if UPCAST:
+        return w.to(tl.float32).to(dtype)
+    return w.to(dtype)
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of a 1-D launch, grouped GROUP_M row-tiles at a time so neighbours share W tiles in L2."""
     pid = tl.program_id(0)
@@ -110,7 +143,7 @@ def _reduce_store(ptrs, val, mask, ATOMIC: tl.constexpr):
 @triton.jit
 def _lora_term(
     acc, s_ptr, b_ptr, rows, cols, r, s_mult, stride_sm, stride_sr, stride_bn, stride_br,
-    LORA_CHUNK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    LORA_CHUNK: tl.constexpr, BASE_TY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """acc + (s_mult·S[rows, :])·B[cols, :]ᵀ in rank chunks of LORA_CHUNK (a 16-bit dot needs K >= 16; the last
     chunk is padded with zeros). S: (M, r) fp32; B: (N, r). s_mult scales the [BLOCK_M, LORA_CHUNK] S tile (one
@@ -121,7 +154,7 @@ def _lora_term(
         rr = r0 + offs_c
         s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < r, other=0.0)
         b_t = tl.load(b_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn, mask=rr[:, None] < r, other=0.0)
-        acc = _dot_acc(s_tile * s_mult, b_t, acc, PREC, UPCAST)
+        acc = _lora_dot(s_tile * s_mult, b_t, acc, BASE_TY, PREC, UPCAST)
     return acc
 
 
@@ -175,6 +208,7 @@ def _lora_shrink_kernel(
     k_end = tl.minimum(K, k_start + k_tiles_per_split * BLOCK_K)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
+        threshold = keep_threshold(p)
     # int64 row offsets: M·stride_xm may exceed 2**31.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     a_cols = a_ptr + offs_r.to(tl.int64)[None, :] * stride_ar
@@ -187,7 +221,7 @@ def _lora_shrink_kernel(
             x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
         )
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+            x = tl.where(dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_K), x, 0.0)
         a_t = tl.load(  # Aᵀ tile [BLOCK_K, BLOCK_R]
             a_cols + offs_k.to(tl.int64)[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0
         )
@@ -267,41 +301,40 @@ def _linear_lora_fwd_kernel(
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
 
-    # ---- LoRA term s·S·Bᵀ seeds the accumulator (16-bit bases; an int8 base adds it after its scale, below)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if not IS_INT8:
-        acc = _lora_term(
-            acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br,
-            LORA_CHUNK, PREC, UPCAST,
-        )  # fmt: skip
-
-    # ---- base GEMM x·Wᵀ into the same accumulator
     # Pointer increments BLOCK_K·stride are 32-bit: fine while a stride along K stays below 2**31 / BLOCK_K.
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
-    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k.to(tl.int64)[:, None] * stride_wk  # Wᵀ tile [BLOCK_K, BLOCK_N]
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
-        w_t = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
-        if IS_INT8:
-            # int8 -> x's dtype in registers: exact (integers <= 127 fit bf16's 8-bit significand); tl.dot needs
-            # equal operand dtypes, and an int8 x int8 dot would accumulate in int32 (docs/KERNELS.md §10.8).
-            if UPCAST:
-                # triton 3.9's interpreter casts int8 -> bf16 by reinterpreting bits (-120 -> nan); via fp32 is exact.
-                w_t = w_t.to(tl.float32).to(x.dtype)
-            else:
-                w_t = w_t.to(x.dtype)
-        acc = _dot_acc(x, w_t, acc, PREC, UPCAST)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
     if IS_INT8:
+        # ---- base GEMM as yᵀ = W·xᵀ: the converted W tile is the MMA's first operand, which wgmma (sm_90) takes
+        # from registers; as the second operand it would go back to shared memory before every MMA.
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k.to(tl.int64)[None, :] * stride_wk  # W [BLOCK_N, BLOCK_K]
+        xt_ptrs = x_ptr + rows[None, :] * stride_xm + offs_k.to(tl.int64)[:, None] * stride_xk  # xᵀ [BLOCK_K, BLOCK_M]
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+            x_t = tl.load(xt_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+            acc_t = _dot_acc(_int8_to(w, x_t.dtype, UPCAST), x_t, acc_t, PREC, UPCAST)
+            w_ptrs += BLOCK_K * stride_wk
+            xt_ptrs += BLOCK_K * stride_xk
         # ---- per-row scale on the fp32 base sum (one multiply per output), then the unscaled LoRA term
-        acc = acc * tl.load(wscale_ptr + cols * stride_ws)[None, :]
+        acc = tl.trans(acc_t) * tl.load(wscale_ptr + cols * stride_ws)[None, :]
         acc = _lora_term(
             acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br,
-            LORA_CHUNK, PREC, UPCAST,
+            LORA_CHUNK, x_ptr.dtype.element_ty, PREC, UPCAST,
         )  # fmt: skip
+    else:
+        # ---- LoRA term s·S·Bᵀ seeds the accumulator, then the base GEMM x·Wᵀ adds into it
+        acc = _lora_term(
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, rows, cols, r, scaling,
+            stride_sm, stride_sr, stride_bn, stride_br, LORA_CHUNK, x_ptr.dtype.element_ty, PREC, UPCAST,
+        )  # fmt: skip
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
+        w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k.to(tl.int64)[:, None] * stride_wk  # Wᵀ [BLOCK_K, BLOCK_N]
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+            w_t = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+            acc = _dot_acc(x, w_t, acc, PREC, UPCAST)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
 
     # ---- epilogue: biases in fp32, one rounding to y's dtype
     if HAS_BIAS:
@@ -330,6 +363,7 @@ def _lora_bwd_dys_dyb_kernel(
     N,
     r,
     n_tiles_per_split,
+    db_slots,
     scaling,
     # Strides
     stride_dym,
@@ -355,7 +389,9 @@ def _lora_bwd_dys_dyb_kernel(
     """Rows [pid_m·BLOCK_M, +BLOCK_M) × this split's columns of dY, each dY tile read once for both products.
 
     dY: (M, N); B: (N, r); S: (M, r) fp32. dS: (splits_n, M, r) fp32 (stride_dss = 0 when atomic);
-    dB: (M blocks, N, r) fp32 (stride_dbs = 0 when atomic). Both already scaled by s.
+    dB: (db_slots, N, r) fp32, row block pid_m adding into slot pid_m % db_slots: one slot per row block (plain
+    stores, deterministic mode), or a few slots shared atomically (the first level of a two-level sum: at M = 8192
+    128 row blocks would otherwise make 128-way fp32 atomics on each dB address). Both already scaled by s.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -392,7 +428,10 @@ def _lora_bwd_dys_dyb_kernel(
         if NEED_DB:
             db = _dot_acc(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), PREC, UPCAST)
             db_ptrs = (
-                db_ptr + pid_m.to(tl.int64) * stride_dbs + offs_n.to(tl.int64)[:, None] * stride_dbn + offs_r[None, :]
+                db_ptr
+                + (pid_m % db_slots).to(tl.int64) * stride_dbs
+                + offs_n.to(tl.int64)[:, None] * stride_dbn
+                + offs_r[None, :]
             )
             _reduce_store(db_ptrs, db * scaling, mask_n[:, None] & mask_r[None, :], ATOMIC_DB)
     ds_ptrs = ds_ptr + pid_n.to(tl.int64) * stride_dss + rows[:, None] * stride_dsm + offs_r[None, :]
@@ -467,30 +506,42 @@ def _linear_lora_bwd_dx_kernel(
         rr = r0 + offs_c
         ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rr[None, :] * stride_dsr, mask=rr[None, :] < r, other=0.0)
         a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak, mask=rr[:, None] < r, other=0.0)
-        lora = _dot_acc(ds, a, lora, PREC, UPCAST)
+        lora = _lora_dot(ds, a, lora, dy_ptr.dtype.element_ty, PREC, UPCAST)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        lora = tl.where(dropout_keep(seed, offs_m, offs_n, K, p), lora * inv_keep, 0.0)
+        keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, K, keep_threshold(p), BLOCK_N)
+        lora = tl.where(keep, lora * inv_keep, 0.0)
 
-    # ---- base GEMM dY·W
-    acc = lora
     offs_k = tl.arange(0, BLOCK_K)
-    dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_k.to(tl.int64)[None, :] * stride_dyn
-    w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk  # W tile [BLOCK_K, BLOCK_N]
-    for k0 in range(0, N, BLOCK_K):
-        dy = tl.load(dy_ptrs, mask=offs_k[None, :] < N - k0, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < N - k0, other=0.0)
-        if IS_INT8:
-            # Dequantize the [BLOCK_K, BLOCK_N] tile: (int8 -> fp32)·scale[n] rounded once to dY's dtype, which is
-            # bit for bit the reference's W_deq = (W_int8·scale).to(x.dtype), so the kernel differs from eager
-            # dY·W_deq only in summation order. The alternative, (dY⊙scale) rounded to 16 bits against an exact
-            # int8 tile, has a rounding of the same size (2**-9 bf16) but not the reference's, and converts both
-            # tiles (dY scaled + W to 16-bit) where this converts one.
+    if IS_INT8:
+        # ---- base GEMM as dxᵀ = W_deqᵀ·dYᵀ: the dequantized W tile is the MMA's first operand, which wgmma (sm_90)
+        # takes from registers; as the second operand it would go back to shared memory before every MMA.
+        acc_t = tl.trans(lora)
+        wt_ptrs = w_ptr + cols[:, None] * stride_wk + offs_k.to(tl.int64)[None, :] * stride_wn  # Wᵀ [BLOCK_N, BLOCK_K]
+        dyt_ptrs = dy_ptr + rows[None, :] * stride_dym + offs_k.to(tl.int64)[:, None] * stride_dyn  # dYᵀ [BK, BM]
+        for k0 in range(0, N, BLOCK_K):
+            w_t = tl.load(wt_ptrs, mask=offs_k[None, :] < N - k0, other=0)
+            dy_t = tl.load(dyt_ptrs, mask=offs_k[:, None] < N - k0, other=0.0)
+            # Dequantize the tile: (int8 -> fp32)·scale[n] rounded once to dY's dtype, which is bit for bit the
+            # reference's W_deq = (W_int8·scale).to(x.dtype), so the kernel differs from eager dY·W_deq only in
+            # summation order. The alternative, (dY⊙scale) rounded to 16 bits against an exact int8 tile, has a
+            # rounding of the same size (2**-9 bf16) but not the reference's, and converts both tiles.
             ws = tl.load(wscale_ptr + (k0 + offs_k) * stride_ws, mask=offs_k < N - k0, other=0.0)
-            w = (w.to(tl.float32) * ws[:, None]).to(dy.dtype)
-        acc = _dot_acc(dy, w, acc, PREC, UPCAST)
-        dy_ptrs += BLOCK_K * stride_dyn
-        w_ptrs += BLOCK_K * stride_wn
+            w_t = (w_t.to(tl.float32) * ws[None, :]).to(dy_t.dtype)
+            acc_t = _dot_acc(w_t, dy_t, acc_t, PREC, UPCAST)
+            wt_ptrs += BLOCK_K * stride_wn
+            dyt_ptrs += BLOCK_K * stride_dyn
+        acc = tl.trans(acc_t)
+    else:
+        # ---- base GEMM dY·W into the masked LoRA term
+        acc = lora
+        dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_k.to(tl.int64)[None, :] * stride_dyn
+        w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk  # W [BLOCK_K, BLOCK_N]
+        for k0 in range(0, N, BLOCK_K):
+            dy = tl.load(dy_ptrs, mask=offs_k[None, :] < N - k0, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < N - k0, other=0.0)
+            acc = _dot_acc(dy, w, acc, PREC, UPCAST)
+            dy_ptrs += BLOCK_K * stride_dyn
+            w_ptrs += BLOCK_K * stride_wn
 
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_n[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -545,6 +596,7 @@ def _lora_bwd_da_kernel(
     m_end = tl.minimum(M, m_start + m_tiles_per_split * BLOCK_M)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
+        threshold = keep_threshold(p)
     cols = offs_k.to(tl.int64)
 
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -558,7 +610,7 @@ def _lora_bwd_da_kernel(
             other=0.0,
         )
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+            x = tl.where(dropout_keep(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_K), x, 0.0)
         ds = tl.load(  # dS rows past the split load as zeros
             ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
             mask=mask_m[:, None] & mask_r[None, :],
@@ -796,13 +848,19 @@ def lora_linear_bwd(
         m_blocks = triton.cdiv(M, block_m)
         splits_n, per_n = _splits(m_blocks, triton.cdiv(N, block_n), num_sms)
         ds_buf, stride_dss, atomic_ds = _reduction_buffer(splits_n, (M, r), x.device)
-        if need_adapters:
+        if not need_adapters:
+            db_buf, stride_dbs, atomic_db, db_slots = ds_buf, 0, False, 1  # unused pointer (NEED_DB=False)
+        elif m_blocks > 1 and not torch.are_deterministic_algorithms_enabled():
+            # two levels: atomics into a few (N, r) slots (row block i into slot i % slots), then one torch sum
+            db_slots = min(m_blocks, _configs.DB_ATOMIC_SLOTS)
+            db_buf = torch.zeros((db_slots, N, r), dtype=torch.float32, device=x.device)
+            stride_dbs, atomic_db = db_buf.stride(0), True
+        else:  # one row block (plain stores), or the deterministic workspace (one slot per row block)
             db_buf, stride_dbs, atomic_db = _reduction_buffer(m_blocks, (N, r), x.device)
-        else:
-            db_buf, stride_dbs, atomic_db = ds_buf, 0, False  # unused pointer (NEED_DB=False)
+            db_slots = m_blocks if stride_dbs else 1
         _lora_bwd_dys_dyb_kernel[(m_blocks, splits_n)](
             dy, b, shrink, ds_buf, db_buf,
-            M, N, r, per_n, s,
+            M, N, r, per_n, db_slots, s,
             dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), shrink.stride(0), shrink.stride(1),
             stride_dss, ds_buf.stride(-2), stride_dbs, db_buf.stride(-2),
             BLOCK_R=rank_block, NEED_DB=need_adapters, ATOMIC_DS=atomic_ds, ATOMIC_DB=atomic_db,

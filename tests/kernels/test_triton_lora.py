@@ -2,7 +2,7 @@
 
 ``TRITON_INTERPRET`` must be set before the kernels are decorated (import time), so a normal test run executes this
 file again in a child ``pytest`` with the variable set (``test_interpreter_suite``); run directly as
-``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_interpret.py`` the checks run in-process.
+``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_lora.py`` the checks run in-process.
 
 Checked (docs/KERNELS.md §11): forward y and S and the gradients of x, A, B (and b_B through ops.lora_linear) against the
 fp64 / fp32 reference with the 2x-eager rule of tests/_tolerances.py, over a sample of the grid M ∈ {1, 3, 17, 64},
@@ -52,10 +52,10 @@ else:
     from peft_kernels import ops
     from peft_kernels.backends.reference import lora as ref
     from peft_kernels.backends.reference.dropout import lora_dropout_mask as ref_mask
-    from peft_kernels.backends.reference.dropout import philox_on_cpu, philox_uniform
+    from peft_kernels.backends.reference.dropout import philox_on_cpu, philox_uniform4
     from peft_kernels.backends.triton import _configs
     from peft_kernels.backends.triton import lora as tri
-    from peft_kernels.backends.triton.dropout import dropout_keep
+    from peft_kernels.backends.triton.dropout import dropout_keep, keep_threshold
     from peft_kernels.backends.triton.dropout import lora_dropout_mask as tri_mask
     from peft_kernels.ops import _dispatch
 
@@ -237,7 +237,7 @@ else:
     # ------------------------------------------------------------------------------------------------------
 
     @pytest.mark.parametrize("seed", [0, 2**40 + 3, -5])
-    @pytest.mark.parametrize("p", [0.1, 0.5])
+    @pytest.mark.parametrize("p", [0.1, 0.5, 1 / 3, 0.999])
     def test_mask_kernel_matches_reference_for_two_tilings(seed, p):
         rows, cols = 37, 130
         t_seed = torch.tensor([seed], dtype=torch.int64)
@@ -256,19 +256,24 @@ else:
     def _mask_at_rows_kernel(seed_ptr, out_ptr, row0, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
-        keep = dropout_keep(tl.load(seed_ptr), offs_m, offs_k, K, p)
+        keep = dropout_keep(tl.load(seed_ptr), offs_m, 0, K, keep_threshold(p), BLOCK_K)
         tl.store(out_ptr + tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + offs_k[None, :], keep)
 
-    @pytest.mark.parametrize("row0, cols", [(2**21, 4096), (2**31 + 5, 3)])
+    @pytest.mark.parametrize("row0, cols", [(2**23, 4096), (2**33 + 5, 3)])
     def test_int64_offsets_past_2_to_the_32(row0, cols):
-        """Offsets m·K + k ≥ 2**32 (rows a real launch reaches when M·K > 2**32) keep both Philox counter words."""
+        """Philox offsets m·ceil(K/4) + k//4 ≥ 2**32 (rows a real launch reaches when M·K > 2**34) keep both counter
+        words; the words follow the reference's layout (word k % 4 of the call of group k // 4)."""
         seed = torch.tensor([SEED], dtype=torch.int64)
         block_m, block_k = 16, 16
         out = torch.empty(block_m, block_k, dtype=torch.bool)
         _mask_at_rows_kernel[(1,)](seed, out, row0, cols, 0.5, BLOCK_M=block_m, BLOCK_K=block_k)
-        offs = (torch.arange(block_m, dtype=torch.int64) + row0)[:, None] * cols + torch.arange(block_k)[None, :]
+        rows = torch.arange(block_m, dtype=torch.int64) + row0
+        k = torch.arange(block_k)
+        offs = rows[:, None] * ((cols + 3) // 4) + (k // 4)[None, :]
         assert offs.min().item() >= 2**32
-        assert torch.equal(out, philox_uniform(seed[0], offs) >= 0.5)
+        words = torch.stack(philox_uniform4(seed[0], offs), dim=-1)  # [rows, cols, 4]
+        expected = words.gather(-1, (k % 4).expand(block_m, block_k)[..., None])[..., 0] >= 0.5
+        assert torch.equal(out, expected)
 
     def test_forward_and_backward_see_the_same_mask():
         """A = I and W = 0 expose the masks: S = m ⊙ x/(1-p) in forward, dx = m ⊙ dS/(1-p) in backward."""

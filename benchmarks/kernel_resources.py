@@ -1,0 +1,243 @@
+"""Registers, spills, stack and shared memory of every Triton LoRA kernel variant, from an ahead-of-time compile.
+
+No GPU needed: each variant is compiled with ``triton.compile`` for sm_80 / sm_90 exactly as
+tests/kernels/test_triton_aot.py does (same specialisation, same variant lists), then ``ptxas -v`` (Triton's own)
+reports registers, spill bytes and stack, and Triton's metadata the shared memory. ``--sass`` adds the dropout
+cost: SASS instructions per iteration of the main loop (the loop holding the MMAs), dropout off vs on, read from
+the SASS Triton's bundled cuobjdump/nvdisasm produce.
+
+    python benchmarks/kernel_resources.py                      # docs/KERNEL_RESOURCES.md, every variant (slow)
+    python benchmarks/kernel_resources.py --set gemm-large     # a subset, printed only
+    python benchmarks/kernel_resources.py --workers 2 --out docs/KERNEL_RESOURCES.md
+
+Static numbers only: nothing here was run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))  # the AOT test's compile helpers and variant lists
+sys.path.insert(0, ROOT)
+
+import test_triton_aot as aot  # noqa: E402
+import triton  # noqa: E402
+
+from peft_kernels.backends.triton import _configs  # noqa: E402
+
+_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+_LABEL = re.compile(r"^(\.?L\w+):")
+_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(\.?L\w+)")
+
+
+def main_loop(sass: str) -> dict:
+    """{instr, ldl, stl, mma, loops} of the loop with the most MMA instructions (a label and a backward branch
+    to it); instr counts the SASS instructions between them, i.e. per iteration."""
+    lines = [ln.strip() for ln in sass.splitlines()]
+    labels, instr_index, loops = {}, 0, []
+    body: list[str] = []
+    for ln in lines:
+        m = _LABEL.match(ln)
+        if m:
+            labels[m.group(1)] = instr_index
+            continue
+        if not ln or ln.startswith(("Function", ".", "//")):
+            continue
+        body.append(ln)
+        b = _BRANCH.search(ln)
+        if b and b.group(1) in labels and labels[b.group(1)] <= instr_index:
+            loops.append((labels[b.group(1)], instr_index))
+        instr_index += 1
+    best = None
+    for start, end in loops:
+        chunk = body[start : end + 1]
+        mma = sum(bool(_MMA.search(x)) for x in chunk)
+        if best is None or mma > best["mma"]:
+            best = {
+                "instr": len(chunk),
+                "mma": mma,
+                "ldl": sum(" LDL" in f" {x}" for x in chunk),
+                "stl": sum(" STL" in f" {x}" for x in chunk),
+            }
+    total = {"total_instr": len(body), "loops": len(loops)}
+    return {**(best or {"instr": 0, "mma": 0, "ldl": 0, "stl": 0}), **total}
+
+
+def variant_sets() -> dict[str, list]:
+    gated = aot.gated_variants()
+    return {
+        "all": gated + aot.fp32_variants(),
+        "gated": gated,
+        "gemm-large": [
+            v for v in gated if v.op in _configs.GEMM_OPS and v.cap == 90 and dict(v.kwargs)["BLOCK_M"] >= 64
+        ],
+        "ci": aot.ci_variants(),
+    }
+
+
+def dropout_pairs() -> list:
+    """(kernel, config) pairs compiled with dropout off and on for the SASS comparison: F1 and B3 at R = 16 (the
+    bench's rank), B2 at its largest sm_90 and sm_80 tiles; bf16 x, fp32 adapters."""
+    out = []
+    for cap in (90, 80):
+        for op in ("lora_shrink", "lora_bwd_da"):
+            cfg = _configs.heuristic_config(op, 16)
+            out += [aot._variant(op, cap, "bf16", "fp32", 16, cfg, d) for d in (False, True)]
+        table = _configs.CUDA_GEMM_CONFIGS[cap]["large"]
+        cfg = max(table, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        out += [aot._variant("linear_lora_bwd_dx", cap, "bf16", "fp32", 16, cfg, d) for d in (False, True)]
+    return out
+
+
+def _sass_job(v):
+    start = time.perf_counter()
+    try:
+        compiled = aot.compile_variant(v)
+        res = aot.ptxas_resources(compiled, v.cap)
+        res.update(main_loop(compiled.asm["sass"]))
+        return v, res, None, time.perf_counter() - start
+    except Exception as exc:
+        return v, None, f"{type(exc).__name__}: {str(exc)[:300]}", time.perf_counter() - start
+
+
+def _cfg_text(v) -> str:
+    kw = dict(v.kwargs)
+    blocks = "×".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in kw)
+    return f"{blocks} w{v.warps}s{v.stages}"
+
+
+def resource_table(results) -> list[str]:
+    rows = [
+        "| kernel | sm | W | x / adapters | R | tile (BM×BN×BK) warps, stages | dropout | regs | spill st/ld B | stack B "
+        "| smem B | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v, res, err, sec in sorted(results, key=lambda r: (r[0].op, r[0].cap, r[0].int8, r[0].xd, r[0].ad, r[0].rank)):
+        w = "int8" if v.int8 else "16-bit" if v.xd != "fp32" else "fp32"
+        head = f"| {v.op} | {v.cap} | {w} | {v.xd} / {v.ad} | {_configs.rank_block(v.rank)} | {_cfg_text(v)} | "
+        head += f"{'p>0' if v.dropout else '–'} |"
+        if err is not None:
+            rows.append(f"{head} compile failed: {err[:80]} | | | | | {sec:.1f} |")
+            continue
+        spill = f"{res['spill_stores']}/{res['spill_loads']}"
+        if res["spill_stores"] or res["spill_loads"]:
+            spill = f"**{spill}**"
+        rows.append(f"{head} {res['regs']} | {spill} | {res['stack']} | {res['shared']} | {sec:.1f} |")
+    return rows
+
+
+def sass_table(results) -> list[str]:
+    rows = [
+        "| kernel | sm | tile | dropout | main-loop SASS instr/iter | ratio p>0 / p=0 | LDL/STL in main loop | "
+        "whole kernel SASS instr | regs | spill st/ld B |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {}
+    for v, res, err, _sec in results:
+        if err is None and not v.dropout:
+            base[(v.op, v.cap)] = res
+    for v, res, err, _sec in results:
+        if err is not None:
+            rows.append(f"| {v.op} | {v.cap} | {_cfg_text(v)} | {v.dropout} | failed: {err[:80]} | | | | | |")
+            continue
+        ref = base.get((v.op, v.cap))
+        ratio = f"{res['instr'] / ref['instr']:.2f}×" if (v.dropout and ref and ref["instr"]) else "1"
+        rows.append(
+            f"| {v.op} | {v.cap} | {_cfg_text(v)} | {'p>0' if v.dropout else 'p=0'} | {res['instr']} | {ratio} | "
+            f"{res['ldl']}/{res['stl']} | {res['total_instr']} | {res['regs']} | "
+            f"{res['spill_stores']}/{res['spill_loads']} |"
+        )
+    return rows
+
+
+def _pool_map(fn, variants, workers):
+    import concurrent.futures
+    import multiprocessing
+    import tempfile
+
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="pk-resources-cache-") as cache:
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=aot._worker_init, initargs=(cache,)
+        ) as pool:
+            return list(pool.map(fn, variants, chunksize=1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", default="all", choices=("all", "gated", "gemm-large", "ci"), help="which variants")
+    parser.add_argument(
+        "--sass", action="store_true", help="also the dropout SASS comparison (on by default with --out)"
+    )
+    parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/KERNEL_RESOURCES.md)")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    variants = variant_sets()[args.set]
+    print(f"compiling {len(variants)} variants with {args.workers} workers ...", flush=True)
+    results = aot.compile_all(variants, args.workers)
+    sass_results = _pool_map(_sass_job, dropout_pairs(), args.workers) if (args.sass or args.out) else []
+    elapsed = time.perf_counter() - start
+
+    failed = [r for r in results if r[2] is not None]
+    spilling = [r for r in results if r[2] is None and (r[1]["spill_stores"] or r[1]["spill_loads"])]
+    gated = set(aot.gated_variants())
+    gated_spills = [r for r in spilling if r[0] in gated]
+    by_kernel = collections.Counter(r[0].op for r in results)
+    lines = [
+        "# Triton kernel resources (static, generated)",
+        "",
+        "Generated by `python benchmarks/kernel_resources.py --out docs/KERNEL_RESOURCES.md`; do not edit by hand. Every",
+        "number comes from an ahead-of-time compile on a CPU machine (`triton.compile` for the target, then the",
+        "`ptxas -v` Triton ships); **none is a GPU measurement**. The same variant lists and the same compile are",
+        "what `tests/kernels/test_triton_aot.py` gates CI on (no spill store or load in any bf16/fp16 variant).",
+        "",
+        f"- triton {triton.__version__}, ptxas `{os.path.basename(aot.ptxas_path(90))}` for sm_90 / "
+        f"`{os.path.basename(aot.ptxas_path(80))}` for sm_80; generated {datetime.date.today().isoformat()} in "
+        f"{elapsed / 60:.1f} min with {args.workers} workers (compile s: wall time of one compile on a shared box).",
+        f"- {len(results)} variants ({', '.join(f'{k} {n}' for k, n in sorted(by_kernel.items()))}); "
+        f"{len(failed)} failed to compile; {len(spilling)} spill, of which {len(gated_spills)} are gated "
+        "(bf16/fp16 models).",
+        "- W: the weight format of F2/B2 (16-bit, or int8 = W8A16 with `IS_INT8`); x / adapters: activation and "
+        "LoRA A/B dtypes; R: padded rank (the GEMM kernels loop over rank chunks of 16, so R does not change them);",
+        "  dropout p>0: the kernel draws the mask (F1, B2, B3). fp32 models halve BLOCK_K (`for_element_size`); they",
+        "  are listed, not gated: their base GEMM runs at torch's fp32 precision (tf32x3 by default).",
+        "- Kernels: `lora_shrink` F1, `linear_lora_fwd` F2, `lora_bwd_dys_dyb` B1, `linear_lora_bwd_dx` B2, "
+        "`lora_bwd_da` B3.",
+        "",
+    ]
+    if sass_results:
+        lines += [
+            "## Dropout cost in SASS (main loop = the loop holding the MMAs; per thread, per iteration)",
+            "",
+            "bf16 x, fp32 adapters, R = 16. For B2 the mask is drawn once per output tile before its K loop, so",
+            "its main loop is unchanged by dropout and the cost shows in the whole-kernel count.",
+            "",
+            *sass_table(sass_results),
+            "",
+        ]
+    lines += ["## Every variant", "", *resource_table(results), ""]
+    text = "\n".join(lines)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    for v, _res, err, _sec in failed:
+        print(f"FAILED {v.label()}: {err}", file=sys.stderr)
+    for v, res, _err, _sec in gated_spills:
+        print(f"SPILL {v.label()}: {res}", file=sys.stderr)
+    return 1 if failed or gated_spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
