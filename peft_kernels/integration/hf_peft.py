@@ -171,8 +171,13 @@ def patch_peft_model(model: nn.Module) -> nn.Module:
     forward, with one warning listing them. Idempotent; layers added later are patched by calling it again.
     Returns ``model``. ``peft_kernels.patch_peft()`` does the same for every model PEFT builds afterwards.
     """
+    peft = _import_peft()
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
+    from .patch import use_prefix_cache
+
+    if isinstance(model, peft.PeftModel) and getattr(model, "prompt_encoder", None):
+        use_prefix_cache(model)  # prefix tuning's cache path (integration/patch.py)
     refused = []
     for name, module in model.named_modules():
         if not isinstance(module, PeftLoraLayer):
@@ -190,6 +195,10 @@ def patch_peft_model(model: nn.Module) -> nn.Module:
 
 def unpatch_peft_model(model: nn.Module) -> nn.Module:
     """Gives every layer patched by ``patch_peft_model`` its PEFT class back, in place. Returns ``model``."""
+    from .patch import prefix_get_prompt
+
+    if getattr(model.__dict__.get("get_prompt"), "__func__", None) is prefix_get_prompt:
+        del model.__dict__["get_prompt"]
     for module in model.modules():
         original = type(module).__dict__.get("_peft_kernels_patched_from")
         if original is not None:

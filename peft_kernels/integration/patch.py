@@ -13,9 +13,11 @@ What it changes, process-wide, until ``unpatch_peft()``:
   ``inject_adapter_in_model`` and so transformers' ``add_adapter`` / ``load_adapter``) is moved onto
   peft_kernels' layer right after PEFT built it, by ``hf_peft.fuse_layer`` (the mechanism of
   ``patch_peft_model``): Linear / Conv1D, Embedding, Conv2d and bitsandbytes Linear8bitLt.
-- **Prefix tuning.** A prefix-tuning ``peft.PeftModel`` set up while patched builds its key/value cache with
-  peft_kernels' cache path (``tuners/prefix_cache.build_prefix_cache``: the prefix computed once, unbatched, and
-  written with ``ops.prefix_kv_write``) instead of PEFT's per-row encoder calls and legacy-cache conversion.
+- **Prefix tuning.** A prompt-learning ``peft.PeftModel`` set up while patched (``PeftModel._setup_prompt_encoder``,
+  run by every route that adds a prompt-learning adapter) gets an instance-level ``get_prompt`` that builds
+  prefix tuning's key/value cache with peft_kernels' cache path (``tuners/prefix_cache.build_prefix_cache``:
+  the prefix computed once, unbatched, and written with ``ops.prefix_kv_write``) instead of PEFT's per-row
+  encoder calls and legacy-cache conversion. Prompt and P-tuning keep PEFT's forward (nothing to fuse).
 - **What stays PEFT's.** A LoRA layer configuration peft_kernels does not fuse (DoRA and other variants, layer
   types without a peft_kernels layer) and every other PEFT method keep PEFT's forward; each injection that
   leaves something unfused logs one line saying which layers and why.
@@ -42,13 +44,14 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import types
 import warnings
 from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
 # The PEFT releases whose private hook points (LoraModel._create_and_replace, BaseTuner.inject_adapter,
-# PeftModel._setup_prompt_encoder / get_prompt) this module was tested against.
+# PeftModel._setup_prompt_encoder, get_prompt's signature) this module was tested against.
 TESTED_PEFT = (">=0.21.0", "<0.22")
 
 _lock = threading.RLock()
@@ -103,7 +106,6 @@ def patch_peft() -> bool:
             (LoraModel, "_create_and_replace"): _wrap_create_and_replace,
             (BaseTuner, "inject_adapter"): _wrap_inject_adapter,
             (PeftModel, "_setup_prompt_encoder"): _wrap_setup_prompt_encoder,
-            (PeftModel, "get_prompt"): _wrap_get_prompt,
         }
         for (owner, name), wrap in replacements.items():
             original = owner.__dict__[name]
@@ -193,41 +195,46 @@ def _wrap_setup_prompt_encoder(original):
     @functools.wraps(original)
     def _setup_prompt_encoder(self, adapter_name):
         original(self, adapter_name)
-        # Marks the model built (or extended) while patched; get_prompt reads the mark, so prompt-learning
-        # models built before patch_peft() keep PEFT's path.
-        self.__dict__["_peft_kernels_prefix_cache"] = True
+        use_prefix_cache(self)
 
     return _setup_prompt_encoder
+
+
+def use_prefix_cache(peft_model) -> None:
+    """Gives one ``peft.PeftModel`` peft_kernels' prefix cache path: an instance-level ``get_prompt``.
+
+    Per instance, not on PEFT's class: models built before ``patch_peft()`` keep PEFT's path, and a model built
+    while patched keeps ours after ``unpatch_peft()``, as its LoRA layers do (``unpatch_peft_model`` removes it).
+    """
+    if "get_prompt" not in peft_model.__dict__:
+        peft_model.__dict__["get_prompt"] = types.MethodType(prefix_get_prompt, peft_model)
 
 
 def _uses_our_prefix_cache(peft_model, task_ids) -> bool:
     from peft.utils import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING, PeftType
 
-    if not peft_model.__dict__.get("_peft_kernels_prefix_cache") or task_ids is not None:
-        return False
     config = peft_model.active_peft_config
-    if config.peft_type != PeftType.PREFIX_TUNING or config.num_transformer_submodules != 1:
+    if task_ids is not None or config.peft_type != PeftType.PREFIX_TUNING:
+        return False
+    if config.num_transformer_submodules != 1:
         return False  # encoder-decoder models keep PEFT's EncoderDecoderCache construction
     # Models whose legacy cache PEFT post-processes (Bloom's layout) keep PEFT's path.
     model_type = getattr(getattr(peft_model, "config", None), "model_type", None)
     return TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING.get(model_type) is None
 
 
-def _wrap_get_prompt(original):
-    @functools.wraps(original)
-    def get_prompt(self, batch_size, task_ids=None, max_cache_len=None):
-        if not _uses_our_prefix_cache(self, task_ids):
-            return original(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
-        from ..tuners.prefix_cache import build_prefix_cache
-        from ..tuners.prompt_learning import _unbatched_kv_prefix
+def prefix_get_prompt(self, batch_size, task_ids=None, max_cache_len=None):
+    """PEFT's ``get_prompt`` contract; for prefix tuning, the cache ``tuners/prefix_cache.build_prefix_cache`` builds."""
+    if not _uses_our_prefix_cache(self, task_ids):
+        return type(self).get_prompt(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
+    from ..tuners.prefix_cache import build_prefix_cache
+    from ..tuners.prompt_learning import _unbatched_kv_prefix
 
-        config = self.active_peft_config
-        return build_prefix_cache(
-            _unbatched_kv_prefix(self, self.active_adapter),
-            batch_size,
-            config.num_transformer_submodules,
-            getattr(self.get_base_model(), "config", None),
-            max_cache_len=max_cache_len,
-        )
-
-    return get_prompt
+    config = self.active_peft_config
+    return build_prefix_cache(
+        _unbatched_kv_prefix(self, self.active_adapter),
+        batch_size,
+        config.num_transformer_submodules,
+        getattr(self.get_base_model(), "config", None),
+        max_cache_len=max_cache_len,
+    )
