@@ -343,7 +343,7 @@ def test_one_patch_peft_line_fuses_a_framework_that_calls_peft_itself(tmp_path, 
     assert len(fused_calls) == len(lora_layers(trained))
 
 
-def test_patch_peft_covers_adapter_and_transformers_routes(patched, tmp_path):
+def test_patch_peft_covers_the_adapter_and_injection_routes(patched, tmp_path):
     hf_lora("llama", seed=1).save_pretrained(tmp_path / "saved")
     model = hf_lora("llama")
     model.add_adapter("added", peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["k_proj"]))
