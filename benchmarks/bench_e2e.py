@@ -2,12 +2,13 @@
 activation bytes kept for backward, and greedy decode tokens/s.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--steps 10] [--decode-reps 5] [--out rows.csv]
-        [--methods lora,lora_int8,prefix]
+        [--methods lora,lora_patch_peft,lora_int8,prefix]
 
 Model: LlamaConfig(hidden 256, 4 layers, 8 heads, 2 KV heads, intermediate 688, vocab 512) on CPU; a 1B-class
 config (hidden 2048, 16 layers, 32/8 heads) on CUDA. Random weights from a fixed seed; both libraries get the same
 base weights and the same adapter weights (copied), batch (B, T) = (4, 128) on CPU, (8, 1024) on CUDA.
-Methods: LoRA r=16 on q,k,v,o,gate,up,down with dropout 0.05; int8 LoRA (bitsandbytes load_in_8bit for PEFT and us —
+Methods: LoRA r=16 on q,k,v,o,gate,up,down with dropout 0.05; lora_patch_peft: the same LoRA built by plain
+``peft.get_peft_model`` after ``peft_kernels.patch_peft()`` (provider "patch_peft()") vs unpatched peft; int8 LoRA (bitsandbytes load_in_8bit for PEFT and us —
 the same CB/SCB weights; CPU only if bitsandbytes imports); prefix tuning with 32 virtual tokens.
 A training step is forward + backward + AdamW step + zero_grad. Timing (``peft_kernels.bench.measure``): the two
 libraries alternate step by step (interleaved), medians with p20/p80 over --steps steps after 2 warm-up steps;
@@ -97,9 +98,17 @@ def build_pair(method, device, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(theirs_base, config_for(peft, method))
-        ours = pk.get_peft_model(ours_base, config_for(pk, method))
+        if method == "lora_patch_peft":
+            # Plain peft after peft_kernels.patch_peft(): a peft.PeftModel whose LoRA layers run our op.
+            pk.patch_peft()
+            try:
+                ours = peft.get_peft_model(ours_base, config_for(peft, method))
+            finally:
+                pk.unpatch_peft()
+        else:
+            ours = pk.get_peft_model(ours_base, config_for(pk, method))
     ours.load_state_dict(theirs.state_dict())
-    return {"peft": theirs, "peft_kernels": ours}
+    return {"peft": theirs, "patch_peft()" if method == "lora_patch_peft" else "peft_kernels": ours}
 
 
 def train_step(model, optimizer, batch):
@@ -189,7 +198,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--decode-reps", type=int, default=5)
-    parser.add_argument("--methods", default="lora,lora_int8,prefix")
+    parser.add_argument("--methods", default="lora,lora_patch_peft,lora_int8,prefix")
     parser.add_argument("--out", default=None)
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)

@@ -85,6 +85,20 @@ def unpatch_peft_model(model):
     return impl(model)
 
 
+def patch_peft() -> bool:
+    """Every LoRA / prefix-tuning model Hugging Face ``peft`` builds from now on runs on peft_kernels (one line)."""
+    from .integration.patch import patch_peft as impl
+
+    return impl()
+
+
+def unpatch_peft() -> None:
+    """Undoes ``patch_peft()``: PEFT's original functions again (models already built keep their layers)."""
+    from .integration.patch import unpatch_peft as impl
+
+    impl()
+
+
 def to_hf_peft(model, patch: bool = False):
     """A peft_kernels LoRA ``PeftModel`` as a ``peft.PeftModel`` over the same base model and Parameters."""
     from .integration.hf_peft import to_hf_peft as impl
@@ -153,11 +167,13 @@ __all__ = [
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "load_peft_weights",
+    "patch_peft",
     "patch_peft_model",
     "prepare_model_for_kbit_training",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "shift_tokens_right",
     "to_hf_peft",
+    "unpatch_peft",
     "unpatch_peft_model",
 ]

@@ -4,13 +4,15 @@ The only module of peft_kernels that imports ``peft`` (docs/ARCHITECTURE.md §3)
 importing this module never needs peft.
 
 ``patch_peft_model(model)``
-    Every PEFT ``lora.Linear`` and ``lora.bnb.Linear8bitLt`` of ``model`` becomes peft_kernels' layer *in
-    place*: the module object stays and only its class changes (to a subclass of both ours and PEFT's class,
-    ours first in the MRO). Parameters, buffers, hooks, optimizer state and outside references are untouched,
-    so a PEFT training script calls it once after ``get_peft_model`` (before or after creating the optimizer)
-    and its LoRA layers run one fused op each. PEFT's model-level code keeps working on the patched layers:
-    they are still ``peft.tuners.lora.LoraLayer`` instances, and ``update_layer`` is PEFT's, so
-    ``add_adapter`` / ``set_adapter`` / ``disable_adapter`` / merging / saving behave as in PEFT.
+    Every PEFT LoRA layer of ``model`` that peft_kernels implements (``lora.Linear`` over Linear or Conv1D,
+    ``lora.Embedding``, ``lora.Conv2d``, ``lora.bnb.Linear8bitLt``) becomes peft_kernels' layer *in place*: the
+    module object stays and only its class changes (to a subclass of both ours and PEFT's class, ours first in
+    the MRO). Parameters, buffers, hooks, optimizer state and outside references are untouched, so a PEFT
+    training script calls it once after ``get_peft_model`` (before or after creating the optimizer) and its
+    LoRA layers run peft_kernels' ops. PEFT's model-level code keeps working on the patched layers: they are
+    still ``peft.tuners.lora.LoraLayer`` instances, and ``update_layer`` is PEFT's, so ``add_adapter`` /
+    ``set_adapter`` / ``disable_adapter`` / merging / saving behave as in PEFT. ``fuse_layer`` does it for one
+    layer; ``patch_peft()`` (``integration/patch.py``) calls it on every layer PEFT creates.
 ``unpatch_peft_model(model)``
     Gives every patched layer its PEFT class back.
 ``to_hf_peft(model)`` / ``from_hf_peft(model)``
@@ -82,7 +84,7 @@ def _make_patched_class(ours: type, theirs: type) -> type:
     other_param_names = tuple(dict.fromkeys(ours.other_param_names + theirs.other_param_names))
     namespace = {
         "__module__": __name__,
-        "__qualname__": ours.__name__,
+        "__qualname__": f"Patched{theirs.__name__}",
         "__doc__": f"peft_kernels' {ours.__name__} forward on a PEFT {theirs.__name__} (patch_peft_model).",
         "other_param_names": other_param_names,
         "update_layer": update_layer,
@@ -98,18 +100,27 @@ def _patched_classes() -> dict[type, type]:
     _import_peft()
     from peft.tuners.lora import layer as peft_layer
 
-    from ..layers.lora import Linear
+    from ..layers import lora
 
-    classes = {peft_layer.Linear: _make_patched_class(Linear, peft_layer.Linear)}
+    pairs = {peft_layer.Linear: lora.Linear, peft_layer.Embedding: lora.Embedding, peft_layer.Conv2d: lora.Conv2d}
     try:
         from peft.tuners.lora import bnb as peft_bnb
 
         from ..layers.lora_int8 import Linear8bitLt
     except ImportError:
         # No bitsandbytes (PEFT then defines no Linear8bitLt) or no int8 layer: nothing of that kind to patch.
-        return classes
-    if hasattr(peft_bnb, "Linear8bitLt"):
-        classes[peft_bnb.Linear8bitLt] = _make_patched_class(Linear8bitLt, peft_bnb.Linear8bitLt)
+        peft_bnb = None
+    if peft_bnb is not None and hasattr(peft_bnb, "Linear8bitLt"):
+        pairs[peft_bnb.Linear8bitLt] = Linear8bitLt
+    # >>> 4-bit LoRA plugs in here: when peft_kernels has a LoRA layer over bitsandbytes Linear4bit (running
+    # ops.lora_linear_4bit), add `pairs[peft_bnb.Linear4bit] = <that layer class>`. Until then PEFT's
+    # lora.bnb.Linear4bit keeps its own forward (patch_peft logs it as "no peft_kernels layer").
+    classes = {}
+    for theirs, ours in pairs.items():
+        patched = _make_patched_class(ours, theirs)
+        # Reachable by module and qualified name, so pickle (torch.save of a whole model, spawn workers) finds it.
+        globals()[patched.__qualname__] = patched
+        classes[theirs] = patched
     return classes
 
 
@@ -124,31 +135,56 @@ def _patch_refusal(module: nn.Module) -> str | None:
     if variants:
         names = ", ".join(f"{a}: {type(v).__name__}" for a, v in variants.items())
         return f"LoRA variant(s) {names}"
+    if getattr(module, "tp_layer", None) is not None:
+        return "tensor-parallel LoRA layer"
+    if hasattr(module.get_base_layer(), "embed_scale"):
+        return "scaled word embedding (PEFT scales the LoRA output by the base layer's embed_scale)"
+    return None
+
+
+def fuse_layer(module: nn.Module) -> str | None:
+    """Moves one PEFT LoRA layer onto peft_kernels' class, in place; returns why not (None when it moved).
+
+    Layers already patched, and modules that are not PEFT LoRA layers of a patched kind, give None/a reason
+    without being touched. The one place both ``patch_peft_model`` and ``patch_peft()`` change a layer's class.
+    """
+    if is_patched(module):
+        return None
+    patched_cls = _patched_classes().get(type(module))
+    if patched_cls is None:
+        return f"no peft_kernels layer for PEFT's {type(module).__module__}.{type(module).__qualname__}"
+    reason = _patch_refusal(module)
+    if reason is not None:
+        return reason
+    module.__class__ = patched_cls
+    if "_scale_cache" not in module.__dict__ and hasattr(patched_cls, "int8_weight"):
+        module._scale_cache = None  # Linear8bitLt's per-SCB cache of SCB/127
     return None
 
 
 def patch_peft_model(model: nn.Module) -> nn.Module:
-    """Moves every PEFT ``lora.Linear`` / ``lora.bnb.Linear8bitLt`` in ``model`` onto the fused path, in place.
+    """Moves every PEFT LoRA layer of ``model`` (Linear, Conv1D, Embedding, Conv2d, Linear8bitLt) onto peft_kernels.
 
     ``model`` is a ``peft.PeftModel`` or any module holding PEFT LoRA layers (``inject_adapter_in_model``,
     transformers' ``add_adapter``). Only the layers' classes change (see the module docstring), so calling it
     before or after building the optimizer is the same. Layers with a LoRA variant (DoRA, …) keep PEFT's
     forward, with one warning listing them. Idempotent; layers added later are patched by calling it again.
-    Returns ``model``.
+    Returns ``model``. ``peft_kernels.patch_peft()`` does the same for every model PEFT builds afterwards.
     """
-    classes = _patched_classes()
+    peft = _import_peft()
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    from .patch import use_prefix_cache
+
+    if isinstance(model, peft.PeftModel) and getattr(model, "prompt_encoder", None):
+        use_prefix_cache(model)  # prefix tuning's cache path (integration/patch.py)
     refused = []
     for name, module in model.named_modules():
-        patched_cls = classes.get(type(module))
-        if patched_cls is None:
+        if not isinstance(module, PeftLoraLayer):
             continue
-        reason = _patch_refusal(module)
+        reason = fuse_layer(module)
         if reason is not None:
             refused.append(f"{name} ({reason})")
-            continue
-        module.__class__ = patched_cls
-        if "_scale_cache" not in module.__dict__ and hasattr(patched_cls, "int8_weight"):
-            module._scale_cache = None  # Linear8bitLt's per-SCB cache of SCB/127
     if refused:
         warnings.warn(
             "patch_peft_model: these LoRA layers keep PEFT's forward (peft_kernels fuses plain LoRA only): "
@@ -159,15 +195,16 @@ def patch_peft_model(model: nn.Module) -> nn.Module:
 
 def unpatch_peft_model(model: nn.Module) -> nn.Module:
     """Gives every layer patched by ``patch_peft_model`` its PEFT class back, in place. Returns ``model``."""
+    from .patch import prefix_get_prompt
+
+    if getattr(model.__dict__.get("get_prompt"), "__func__", None) is prefix_get_prompt:
+        del model.__dict__["get_prompt"]
     for module in model.modules():
         original = type(module).__dict__.get("_peft_kernels_patched_from")
         if original is not None:
             module.__class__ = original
             module.__dict__.pop("_scale_cache", None)
     return model
-
-
-apply_kernels = patch_peft_model  # an older name of patch_peft_model
 
 
 # ---------------------------------------------------------------------------- whole-model conversion

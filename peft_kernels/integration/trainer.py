@@ -7,6 +7,8 @@ under it is refused ("You cannot perform fine-tuning on purely quantized models"
 extends exactly those checks to peft_kernels' ``PeftModel``, so Trainer (and its subclasses, e.g. TRL's
 SFTTrainer) checkpoints with ``save_pretrained`` (adapter_model.safetensors + adapter_config.json), resumes
 with ``load_adapter``, and with FSDP sets ``fsdp_auto_wrap_policy`` — the same code paths PEFT models take.
+accelerate's ``is_peft_model``, which TRL's trainers ask, is extended the same way (``_patch_accelerate``), so
+``SFTTrainer(model=<PeftModel>)`` and ``DPOTrainer(model=<PeftModel>, ref_model=None)`` treat it as PEFT's.
 Every other model is unaffected.
 
 ``import peft_kernels`` calls ``ensure_trainer_support()`` (``peft_kernels/__init__.py``): it patches now if
@@ -80,6 +82,37 @@ def _patch_transformers() -> None:
         trainer_mod.update_fsdp_plugin_peft = update_fsdp_plugin_peft
 
 
+def _patch_accelerate() -> None:
+    """Extends accelerate's ``is_peft_model`` to peft_kernels' PeftModel (idempotent).
+
+    TRL's trainers (SFT, DPO, GRPO, …) decide by ``accelerate.utils.is_peft_model`` whether to unwrap the PEFT
+    wrapper (``get_base_model()`` for the fused LM head) and whether the reference model is the same model with
+    the adapter disabled (``ref_model=None``); they bind the function at import. So the package attribute is
+    replaced (later imports get ours) and so is every already-imported module's binding of the original, except
+    ``accelerate.utils.fsdp_utils``, which calls peft's own state-dict functions on what it recognises.
+    """
+    import accelerate.utils
+    import accelerate.utils.modeling as modeling
+
+    original = modeling.is_peft_model
+    if getattr(original, "_peft_kernels", False):
+        return
+
+    def is_peft_model(model):
+        return original(model) or _is_ours(model)
+
+    is_peft_model._peft_kernels = True
+    is_peft_model.__wrapped__ = original
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not namespace or namespace.get("is_peft_model") is not original:
+            continue
+        if module.__name__ != "accelerate.utils.fsdp_utils":
+            module.is_peft_model = is_peft_model
+    accelerate.utils.is_peft_model = is_peft_model
+    modeling.is_peft_model = is_peft_model
+
+
 def enable_trainer_support() -> bool:
     """Patches transformers' Trainer now (imports it). Returns True when the patch is in place."""
     with _lock:
@@ -87,6 +120,7 @@ def enable_trainer_support() -> bool:
             return True
         try:
             _patch_transformers()
+            _patch_accelerate()
         except Exception as exc:  # a transformers whose private names moved: say so once, train as before
             logger.warning(
                 "peft_kernels could not register PeftModel with transformers' Trainer (%s: %s); Trainer will "

@@ -4,6 +4,8 @@ import functools
 import os
 import re
 import socket
+import sys
+import types
 import warnings
 
 import pytest
@@ -66,17 +68,85 @@ def process_group():
     dist.destroy_process_group()
 
 
+@pytest.fixture
+def trl_inputs():
+    """A word-level tokenizer and tiny text and preference datasets for the TRL examples."""
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from test_trl import tokenizer
+
+    texts = ["t5 t6 t7 t8 t9 t10", "t20 t21 t22 t23 t24"] * 4
+    pairs = {"prompt": ["t5 t6", "t20 t21"] * 4, "chosen": ["t7 t8"] * 8, "rejected": ["t30 t31"] * 8}
+    return {
+        "tokenizer": tokenizer(),
+        "text_dataset": datasets.Dataset.from_dict({"text": texts}),
+        "preference_dataset": datasets.Dataset.from_dict(pairs),
+    }
+
+
+@pytest.fixture
+def framework_standins(monkeypatch, namespace):
+    """Axolotl's ``do_cli`` and LLaMA-Factory's ``run_exp`` as stand-ins that, like the real ones, call peft
+    themselves (get_peft_model, or PeftModel.from_pretrained for an adapter folder). Returns the models built."""
+    import peft
+
+    built = []
+    adapter_dir = os.path.join(namespace["out_dir"], "adapter")
+    peft.get_peft_model(make_model("llama")[0], peft.LoraConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(
+        adapter_dir
+    )
+
+    def axolotl_do_cli(config, **kwargs):
+        built.append(peft.get_peft_model(make_model("llama")[0], peft.LoraConfig(task_type="CAUSAL_LM", r=8)))
+
+    def llamafactory_run_exp(args=None, callbacks=None):
+        built.append(peft.PeftModel.from_pretrained(make_model("llama")[0], adapter_dir, is_trainable=True))
+
+    modules = {
+        "axolotl": {},
+        "axolotl.cli": {},
+        "axolotl.cli.train": {"do_cli": axolotl_do_cli},
+        "llamafactory": {},
+        "llamafactory.train": {},
+        "llamafactory.train.tuner": {"run_exp": llamafactory_run_exp},
+    }
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+    namespace["training_args"] = {"stage": "sft", "finetuning_type": "lora"}
+    return built
+
+
+IDS = [
+    "patch_peft",
+    "patch_model",
+    "convert",
+    "trainer",
+    "trl_sft_peft_config",
+    "trl_dpo_native",
+    "axolotl",
+    "llamafactory",
+    "fsdp",
+    "checkpointing",
+    "autocast",
+    "compile",
+]
+
+
 def test_the_doc_has_the_examples():
-    assert len(BLOCKS) == 7, "update the ids below when adding or removing examples"
+    assert len(BLOCKS) == len(IDS), "update IDS when adding or removing examples"
 
 
-@pytest.mark.parametrize(
-    "index", range(len(BLOCKS)), ids=["patch", "convert", "trainer", "fsdp", "checkpointing", "autocast", "compile"]
-)
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=IDS)
 def test_doc_example_runs(index, namespace, request, monkeypatch):
     code = BLOCKS[index]
-    if "import peft\n" in code:
+    if "import peft" in code or "patch_peft()" in code:
         pytest.importorskip("peft")
+        request.addfinalizer(peft_kernels.unpatch_peft)
+    if "from trl" in code:
+        namespace.update(request.getfixturevalue("trl_inputs"))
+    built = request.getfixturevalue("framework_standins") if "axolotl" in code or "llamafactory" in code else None
     if "fully_shard" in code:
         request.getfixturevalue("process_group")
     if "torch.compile" in code:
@@ -87,3 +157,10 @@ def test_doc_example_runs(index, namespace, request, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exec(compile(code, f"TRAINING_STACKS.md example {index}", "exec"), namespace)
+    if built is not None:
+        from peft.tuners.lora import LoraLayer
+
+        from peft_kernels.integration.hf_peft import is_patched
+
+        layers = [m for m in built[0].modules() if isinstance(m, LoraLayer)]
+        assert len(built) == 1 and layers and all(is_patched(m) for m in layers), "the one line fused the layers"

@@ -247,3 +247,206 @@ def test_convert_refuses_what_the_other_side_lacks():
         pk.to_hf_peft(hf_lora("gpt2"))
     with pytest.raises(TypeError):
         pk.from_hf_peft(pk_lora("gpt2"))
+
+
+# ---------------------------------------------------------------------------- patch_peft() (issue #13)
+@pytest.fixture
+def patched():
+    assert pk.patch_peft()
+    yield
+    pk.unpatch_peft()
+
+
+def hook_points():
+    """{(class, attribute): the __dict__ entry now} for every function patch_peft replaces."""
+    from peft.tuners.lora.model import LoraModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    points = [(LoraModel, "_create_and_replace"), (BaseTuner, "inject_adapter")]
+    points += [(peft.PeftModel, "_setup_prompt_encoder")]
+    return {(owner, name): owner.__dict__[name] for owner, name in points}
+
+
+def test_patch_peft_is_idempotent_thread_safe_and_unpatch_restores_the_originals():
+    import threading
+
+    originals = hook_points()
+    barrier = threading.Barrier(8)
+    results = []
+
+    def patch():
+        barrier.wait()
+        results.append(pk.patch_peft())
+
+    threads = [threading.Thread(target=patch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert results == [True] * 8
+        for point, function in hook_points().items():
+            assert function is not originals[point], f"{point} patched"
+            assert function.__wrapped__ is originals[point], f"{point} wrapped exactly once"
+        assert pk.patch_peft() and hook_points()[point] is function, "a second call changes nothing"
+    finally:
+        pk.unpatch_peft()
+    assert hook_points() == originals and all(hook_points()[p] is f for p, f in originals.items())
+    pk.unpatch_peft()  # idempotent
+    assert hook_points() == originals
+
+
+def test_patch_peft_outside_the_tested_peft_range_warns_once_and_patches_nothing(monkeypatch):
+    from peft_kernels.integration import patch
+
+    originals = hook_points()
+    monkeypatch.setattr(peft, "__version__", "0.30.0")
+    monkeypatch.setattr(patch, "_version_warned", False)
+    with pytest.warns(UserWarning, match="peft 0.30.0 is installed, so nothing is patched"):
+        assert pk.patch_peft() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pk.patch_peft() is False
+    assert hook_points() == originals and not patch.is_peft_patched()
+
+
+def framework_loads_model(base, config=None, adapter_dir=None):
+    """What Axolotl's and LLaMA-Factory's model loaders do: import peft and call it themselves."""
+    import peft as their_peft
+
+    if adapter_dir is not None:
+        return their_peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    return their_peft.get_peft_model(base, config)
+
+
+def test_one_patch_peft_line_fuses_a_framework_that_calls_peft_itself(tmp_path, fused_calls):
+    inputs = make_inputs("llama")
+    plain = hf_lora("llama")
+    plain.save_pretrained(tmp_path)
+    want = logits_of(plain(**inputs))
+    built_before = hf_lora("llama")
+
+    pk.patch_peft()  # the one line
+    try:
+        trained = framework_loads_model(make_model("llama")[0], adapter_dir=tmp_path)
+        fresh = framework_loads_model(make_model("llama")[0], config=peft.LoraConfig(task_type="CAUSAL_LM", r=4))
+    finally:
+        pk.unpatch_peft()
+    for model in (trained, fresh):
+        assert isinstance(model, peft.PeftModel)
+        layers = lora_layers(model)
+        assert layers and all(hf_peft.is_patched(m) for m in layers)
+        assert all(isinstance(m, peft.tuners.lora.Linear) for m in layers)
+    assert not any(hf_peft.is_patched(m) for m in built_before.modules()), "models built before stay PEFT's"
+    fused_calls.clear()
+    assert_close(logits_of(trained(**inputs)), want, FP32_SAME_MATH, "from_pretrained while patched")
+    assert len(fused_calls) == len(lora_layers(trained))
+
+
+def test_patch_peft_covers_the_adapter_and_injection_routes(patched, tmp_path):
+    hf_lora("llama", seed=1).save_pretrained(tmp_path / "saved")
+    model = hf_lora("llama")
+    model.add_adapter("added", peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["k_proj"]))
+    model.load_adapter(tmp_path / "saved", adapter_name="loaded")
+    assert all(hf_peft.is_patched(m) for m in lora_layers(model))
+    assert {"added", "loaded"} <= {a for m in lora_layers(model) for a in m.lora_A}
+
+    # transformers' model.add_adapter / load_adapter call peft.inject_adapter_in_model (transformers 5.25 asks
+    # for peft >= 0.22 before it gets there, so with the contract's 0.21.2 the peft call is exercised directly).
+    base = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), make_model("llama")[0]
+    )
+    layers = lora_layers(base)
+    assert len(layers) == 4 and all(hf_peft.is_patched(m) for m in layers)
+
+
+class ConvNet(torch.nn.Module):
+    """A pointwise and a 3×3 Conv2d: both LoRA Conv2d paths (fused 1×1, eager k×k)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pointwise = torch.nn.Conv2d(3, 8, 1)
+        self.conv = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.pointwise(x)))
+
+
+@pytest.mark.parametrize("kind", ["conv1d_gpt2", "embedding", "conv2d"])
+def test_patch_peft_layer_kinds_match_peft_and_save_identical_files(patched, tmp_path, kind):
+    gen = torch.Generator().manual_seed(0)
+    if kind == "conv2d":
+        targets, inputs = ["pointwise", "conv"], {"x": torch.randn(2, 3, 5, 5, generator=gen)}
+
+        def base():
+            torch.manual_seed(0)
+            return ConvNet()
+    else:
+        family = "gpt2" if kind == "conv1d_gpt2" else "llama"
+        targets = ["c_attn"] if family == "gpt2" else ["embed_tokens", "q_proj"]
+        inputs = make_inputs(family)
+
+        def base():
+            return make_model(family)[0]
+
+    config = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    fused = peft.get_peft_model(base(), peft.LoraConfig(**config))
+    pk.unpatch_peft()
+    plain = peft.get_peft_model(base(), peft.LoraConfig(**config))
+    plain.load_state_dict(fused.state_dict())
+    assert lora_layers(fused) and all(hf_peft.is_patched(m) for m in lora_layers(fused))
+    assert not any(hf_peft.is_patched(m) for m in plain.modules())
+    want_out, want_grads = loss_and_grads(plain, inputs)
+    out, grads = loss_and_grads(fused, inputs)
+    assert_close(out, want_out, FP32_SAME_MATH, kind)
+    for name, grad in want_grads.items():
+        assert_close(grads[name], grad, FP32_SAME_MATH, name)
+
+    fused.save_pretrained(tmp_path / "fused")
+    plain.save_pretrained(tmp_path / "plain")
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "fused" / file).read_bytes() == (tmp_path / "plain" / file).read_bytes(), file
+    assert list(fused.state_dict()) == list(plain.state_dict()), "same names, same order"
+
+
+def test_patch_peft_logs_the_layers_it_does_not_fuse(patched, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="peft_kernels.integration.patch"):
+        model = hf_lora("llama", use_dora=True, target_modules=["q_proj"])
+    records = [r.getMessage() for r in caplog.records if "keep PEFT's forward" in r.getMessage()]
+    assert len(records) == 1, records
+    assert "model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj" in records[0]
+    assert "DoraLinearVariant" in records[0]
+    assert all(type(m) is peft.tuners.lora.Linear for m in lora_layers(model)), "DoRA keeps PEFT's class"
+
+
+def test_patch_peft_prefix_tuning_runs_the_cache_path_with_peft_results(monkeypatch):
+    from peft_kernels.tuners import prefix_cache
+
+    built = []
+    real = prefix_cache.build_prefix_cache
+    monkeypatch.setattr(prefix_cache, "build_prefix_cache", lambda *a, **k: built.append(1) or real(*a, **k))
+    inputs = make_inputs("llama")
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    plain = peft.get_peft_model(make_model("llama")[0], config)
+    pk.patch_peft()
+    try:
+        fused = peft.get_peft_model(make_model("llama")[0], config)
+    finally:
+        pk.unpatch_peft()
+    fused.load_state_dict(plain.state_dict())
+    want, want_grads = loss_and_grads(plain.train(), inputs)
+    assert not built, "a model built before patch_peft() keeps PEFT's path"
+    got, grads = loss_and_grads(fused.train(), inputs)
+    assert built, "peft_kernels' prefix cache built the past key/values (also after unpatch_peft())"
+    pk.unpatch_peft_model(fused)
+    built.clear()
+    assert_close(logits_of(fused(**inputs)), want, FP32_SAME_MATH, "unpatch_peft_model")
+    assert not built, "unpatch_peft_model gave the model PEFT's get_prompt back"
+    pk.patch_peft_model(plain)
+    assert_close(logits_of(plain(**inputs)), want, FP32_SAME_MATH, "patch_peft_model")
+    assert built, "patch_peft_model gave a model built before patch_peft() the cache path"
+    assert_close(got, want, FP32_SAME_MATH, "prefix logits")
+    for name, grad in want_grads.items():
+        assert_close(grads[name], grad, FP32_SAME_MATH, name)

@@ -1,4 +1,4 @@
-"""Issue #8 part 2: transformers Trainer (and TRL's SFTTrainer when installed) with a peft_kernels PeftModel."""
+"""Issue #8 part 2: transformers Trainer with a peft_kernels PeftModel (TRL's trainers: test_trl.py)."""
 
 import json
 import os
@@ -136,46 +136,3 @@ def test_registration_hook_runs_after_the_module_is_imported(tmp_path, monkeypat
     assert seen == [1], "the callback ran after the module body"
     assert hook not in sys.meta_path, "the hook removed itself"
     assert pk_standin_trainer.__spec__.loader.get_source("pk_standin_trainer") == "VALUE = 1\n"
-
-
-def _tiny_tokenizer():
-    """A word-level tokenizer over the tiny models' 100 ids (SFTTrainer needs a processing_class)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 100)}}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-
-
-def test_sft_trainer(tmp_path):
-    # Not run on this project's CI machines (no TRL); written against TRL 1.16's SFTTrainer/SFTConfig.
-    trl = pytest.importorskip(
-        "trl", reason="TRL is not installed (it pulls datasets, pandas and pyarrow: not installed just for this test)"
-    )
-    datasets = pytest.importorskip("datasets")
-    model = lora_gpt2()
-    train = datasets.Dataset.from_dict({"input_ids": TokenDataset().ids.tolist()})  # pre-tokenized: no template
-    config = trl.SFTConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        max_steps=2,
-        save_steps=2,
-        report_to=[],
-        gradient_checkpointing=False,
-    )
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=train, processing_class=_tiny_tokenizer())
-    trainer.train()
-    assert len(losses(trainer)) >= 1
-    files = set(os.listdir(tmp_path / "checkpoint-2"))
-    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
