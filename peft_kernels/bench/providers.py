@@ -307,7 +307,7 @@ class PrefixProblem(Problem):
                 raise Unavailable("decode appends with torch.cat; compiled it is the same copy as the peft row")
             return self._compiled_forward(encoder, tokens)
         elif provider in BACKEND_PROVIDERS:
-            from ..tuners.prefix_cache import unbatched_prefix
+            from ..tuners.prefix_cache_builder import unbatched_prefix
             from ..tuners.prefix_kv_cache import PrefixKVCache
 
             capacity = s.P + s.T + (1 if decode else 0)

@@ -15,7 +15,7 @@ What it changes, process-wide, until ``unpatch_peft()``:
   ``patch_peft_model``): Linear / Conv1D, Embedding, Conv2d and bitsandbytes Linear8bitLt.
 - **Prefix tuning.** A prompt-learning ``peft.PeftModel`` set up while patched (``PeftModel._setup_prompt_encoder``,
   run by every route that adds a prompt-learning adapter) gets an instance-level ``get_prompt`` that builds
-  prefix tuning's key/value cache with peft_kernels' cache path (``tuners/prefix_cache.build_prefix_cache``:
+  prefix tuning's key/value cache with peft_kernels' cache path (``tuners/prefix_cache_builder.build_prefix_cache``:
   the prefix computed once, unbatched, and written with ``ops.prefix_kv_write``) instead of PEFT's per-row
   encoder calls and legacy-cache conversion. Prompt and P-tuning keep PEFT's forward (nothing to fuse).
 - **What stays PEFT's.** A LoRA layer configuration peft_kernels does not fuse (DoRA and other variants, layer
@@ -224,10 +224,10 @@ def _uses_our_prefix_cache(peft_model, task_ids) -> bool:
 
 
 def prefix_get_prompt(self, batch_size, task_ids=None, max_cache_len=None):
-    """PEFT's ``get_prompt`` contract; for prefix tuning, the cache ``tuners/prefix_cache.build_prefix_cache`` builds."""
+    """PEFT's ``get_prompt`` contract; for prefix tuning, the cache ``tuners/prefix_cache_builder.build_prefix_cache`` builds."""
     if not _uses_our_prefix_cache(self, task_ids):
         return type(self).get_prompt(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
-    from ..tuners.prefix_cache import build_prefix_cache
+    from ..tuners.prefix_cache_builder import build_prefix_cache
     from ..tuners.prompt_learning import _unbatched_kv_prefix
 
     config = self.active_peft_config

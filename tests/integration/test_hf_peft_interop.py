@@ -422,7 +422,7 @@ def test_patch_peft_logs_the_layers_it_does_not_fuse(patched, caplog):
 
 
 def test_patch_peft_prefix_tuning_runs_the_cache_path_with_peft_results(monkeypatch):
-    from peft_kernels.tuners import prefix_cache
+    from peft_kernels.tuners import prefix_cache_builder as prefix_cache
 
     built = []
     real = prefix_cache.build_prefix_cache
