@@ -505,6 +505,8 @@ class PeftModel(nn.Module):
                 low_cpu_mem_usage=low_cpu_mem_usage,
                 autocast_adapter_dtype=autocast_adapter_dtype,
             )
+            if is_trainable and not self._is_prompt_learning:  # a new adapter is added frozen; asked to train: train
+                self.set_requires_grad(adapter_name)
         adapters_weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
         load_result = set_peft_model_state_dict(
             self,

@@ -234,6 +234,11 @@ class BaseTuner(nn.Module):
         peft_config = self._prepare_adapter_config(peft_config, model_config)
         peft_config = expand_all_linear(peft_config, model)
         minimize_target_modules(peft_config, [key for key, _ in model.named_modules()])
+        # Adding an adapter leaves the trainability of every existing parameter as it was (PEFT); the first
+        # injection freezes the base model instead.
+        requires_grad_before = []
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
 
         matched, excluded, unmatched = [], [], []
         tuner_children = set()
@@ -289,6 +294,8 @@ class BaseTuner(nn.Module):
             for name, param in model.named_parameters():
                 if adapter_name in name:
                     param.requires_grad = False
+        for param, requires_grad in requires_grad_before:
+            param.requires_grad = requires_grad
 
     def _raise_no_match(self, peft_config, model, excluded, unmatched) -> None:
         if excluded and not unmatched:

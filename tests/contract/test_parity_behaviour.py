@@ -105,3 +105,24 @@ def test_delete_unmerged_adapter_keeps_other_merged():
             )
         )
     assert results[1] == results[0] == (["default"], ["default"], True)
+
+
+@pytest.mark.parametrize("first_trainable", [False, True])
+def test_requires_grad_after_loading_matches_peft(tmp_path, first_trainable):
+    results = []
+    for lib in _libs():
+        path = tmp_path / lib.__name__
+        config = lib.LoraConfig(target_modules=["0"], modules_to_save=["2"])
+        lib.get_peft_model(_mlp(), config).save_pretrained(path)
+        biased = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], bias="all"))
+        biased.save_pretrained(tmp_path / f"{lib.__name__}_bias")
+        frozen = lib.PeftModel.from_pretrained(_mlp(), tmp_path / f"{lib.__name__}_bias", is_trainable=first_trainable)
+        model = lib.PeftModel.from_pretrained(_mlp(), path, is_trainable=first_trainable)
+        states = [_trainable(frozen), _trainable(model)]
+        model.load_adapter(path, adapter_name="b", is_trainable=True)
+        states.append(_trainable(model))
+        model.load_adapter(path, adapter_name="c", is_trainable=False)
+        states.append(_trainable(model))
+        results.append(states)
+    assert results[1] == results[0]
+    assert any(".b." in name for name in results[1][2]), "a second adapter loaded as trainable trains"
