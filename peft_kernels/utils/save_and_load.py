@@ -206,6 +206,8 @@ def set_peft_model_state_dict(
         model_key = ckpt_to_model.get(lookup)
         if model_key is None and lookup in model_sd and _is_embedding_key(lookup):
             model_key = lookup  # full embedding weights saved with save_embedding_layers
+        if model_key is None and lookup in model_sd and lookup.endswith("bias"):
+            model_key = lookup  # a base bias trained with bias="all"/"lora_only": loaded whatever this config says
         if model_key is None:
             unexpected.append(key)
             continue

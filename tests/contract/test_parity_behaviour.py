@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _tolerances import FP32_SAME_MATH, assert_close
 from torch import nn
 
 import peft_kernels as pk
@@ -126,3 +127,34 @@ def test_requires_grad_after_loading_matches_peft(tmp_path, first_trainable):
         results.append(states)
     assert results[1] == results[0]
     assert any(".b." in name for name in results[1][2]), "a second adapter loaded as trainable trains"
+
+
+def test_saved_bias_entries_load_into_a_differently_configured_adapter():
+    results = []
+    x = torch.randn(2, 4)
+    for lib in _libs():
+        config = dict(target_modules=["0"], bias="all", lora_bias=True, init_lora_weights=False)
+        trained = lib.get_peft_model(_mlp(), lib.LoraConfig(**config))
+        with torch.no_grad():
+            for name, param in trained.named_parameters():
+                if name.endswith("bias"):
+                    param.add_(1.0)
+        state = lib.get_peft_model_state_dict(trained)
+        receiver = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], init_lora_weights=False))
+        result = lib.set_peft_model_state_dict(receiver, state)
+        with torch.no_grad():
+            results.append((sorted(result.unexpected_keys), receiver(x)))
+    assert results[1][0] == results[0][0] == ["base_model.model.0.lora_B.bias"]
+    assert_close(results[1][1], results[0][1], FP32_SAME_MATH, "outputs after the round trip")
+
+
+def test_unload_returns_the_original_module_when_its_copy_is_inactive():
+    results = []
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], modules_to_save=["2"]))
+        with torch.no_grad():
+            model.base_model.model[2].modules_to_save["default"].weight.add_(1.0)
+        model.add_adapter("other", lib.LoraConfig(target_modules=["0"]))
+        model.set_adapter("other")
+        results.append(model.unload()[2].weight.clone())
+    assert torch.equal(results[1], results[0]) and torch.equal(results[1], _mlp()[2].weight)
