@@ -34,6 +34,11 @@ def _lora_layer_types():
     return (LoraLayer,)
 
 
+class AdapterShapeMismatchError(ValueError, RuntimeError):
+    """A checkpoint tensor's shape differs from the model's. A RuntimeError as PEFT raises (torch's
+    load_state_dict), and a ValueError as earlier peft_kernels releases did."""
+
+
 def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, str]:
     """model state_dict key -> checkpoint key, for every tensor that belongs to ``adapter_name``."""
     mapping: dict[str, str] = {}
@@ -214,9 +219,9 @@ def set_peft_model_state_dict(
         expected = model_sd[model_key].shape
         if value.shape != expected:
             if ignore_mismatched_sizes:
-                mismatched.append((key, tuple(value.shape), tuple(expected)))
+                mismatched.append((model_key, value.shape, expected))  # PEFT's warning: model keys, torch.Size
                 continue
-            raise ValueError(
+            raise AdapterShapeMismatchError(
                 f"Shape mismatch for {key!r} (adapter {adapter_name!r}): the checkpoint has {tuple(value.shape)}, "
                 f"the model expects {tuple(expected)}. Was the adapter trained with another r, target module or "
                 "base model?"
@@ -228,7 +233,7 @@ def set_peft_model_state_dict(
             if hasattr(module, "_move_adapter_to_device_of_base_layer"):
                 module._move_adapter_to_device_of_base_layer(adapter_name)
     if mismatched:
-        lines = "\n".join(f"- {k}: found shape {a} in the checkpoint and {b} in the model" for k, a, b in mismatched)
+        lines = "\n".join(f"- {k}: found shape {a} in the checkpoint and {b} in the model instantiated" for k, a, b in mismatched)
         warnings.warn(
             f"Some weights of {model.__class__.__name__} were not initialized from the model checkpoint and are "
             f"being ignored because you passed `ignore_mismatched_sizes=True`: {lines}."

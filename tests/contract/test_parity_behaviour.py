@@ -158,3 +158,21 @@ def test_unload_returns_the_original_module_when_its_copy_is_inactive():
         model.set_adapter("other")
         results.append(model.unload()[2].weight.clone())
     assert torch.equal(results[1], results[0]) and torch.equal(results[1], _mlp()[2].weight)
+
+
+def test_ignore_mismatched_sizes_is_honoured_like_peft(tmp_path):
+    results = []
+    for lib in _libs():
+        path = tmp_path / lib.__name__
+        lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], r=4)).save_pretrained(path)
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], r=8))
+        before = model.base_model.model[0].lora_A["default"].weight.clone()
+        with pytest.raises(RuntimeError):  # without the flag: PEFT's exception type
+            model.load_adapter(path, adapter_name="default")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = model.load_adapter(path, adapter_name="default", ignore_mismatched_sizes=True)
+        message = next(str(w.message) for w in caught if "ignore_mismatched_sizes" in str(w.message))
+        unchanged = torch.equal(model.base_model.model[0].lora_A["default"].weight, before)
+        results.append((message, sorted(result.missing_keys), unchanged))
+    assert results[1] == results[0]
