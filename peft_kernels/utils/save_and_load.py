@@ -119,6 +119,8 @@ def _embedding_key_prefixes(model: nn.Module, config, save_embedding_layers) -> 
     for layer in layers:
         if layer is None:
             continue
+        if embedding_targeted and not isinstance(getattr(layer, "base_layer", None), (nn.Linear, nn.Embedding)):
+            continue  # targeted: only the adapted (wrapped) embedding layers are saved, as PEFT; an untouched head not
         for name, module in model.named_modules():
             if module is layer or getattr(module, "base_layer", None) is layer:
                 prefixes.append(f"{name}.")

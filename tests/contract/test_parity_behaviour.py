@@ -176,3 +176,36 @@ def test_ignore_mismatched_sizes_is_honoured_like_peft(tmp_path):
         unchanged = torch.equal(model.base_model.model[0].lora_A["default"].weight, before)
         results.append((message, sorted(result.missing_keys), unchanged))
     assert results[1] == results[0]
+
+
+class _TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed_tokens = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, ids):
+        return self.lm_head(self.proj(self.embed_tokens(ids)))
+
+
+def test_targeted_embedding_saves_no_untouched_lm_head(tmp_path):
+    from safetensors.torch import load_file
+
+    results = []
+    for lib in _libs():
+        model = lib.get_peft_model(_TinyLM(), lib.LoraConfig(target_modules=["embed_tokens", "proj"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp_path / lib.__name__)
+        results.append(sorted(load_file(tmp_path / lib.__name__ / "adapter_model.safetensors")))
+    assert results[1] == results[0]
+    assert not any("lm_head" in key for key in results[1])
+    assert "base_model.model.embed_tokens.base_layer.weight" in results[1]
