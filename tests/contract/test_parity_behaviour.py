@@ -209,3 +209,17 @@ def test_targeted_embedding_saves_no_untouched_lm_head(tmp_path):
     assert results[1] == results[0]
     assert not any("lm_head" in key for key in results[1])
     assert "base_model.model.embed_tokens.base_layer.weight" in results[1]
+
+
+@pytest.mark.parametrize("config_cls", ["PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig"])
+def test_prompt_learning_without_task_type_names_it(config_cls):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=16))
+    config = getattr(pk, config_cls)(
+        num_virtual_tokens=2, **({"encoder_hidden_size": 8} if "Encoder" in config_cls else {})
+    )
+    with pytest.raises(ValueError, match=r"needs a task_type \(one of .*CAUSAL_LM.*\), got task_type=None"):
+        pk.get_peft_model(base, config)
+    assert config.base_model_name_or_path is None and not hasattr(base, "peft_config")
