@@ -259,6 +259,7 @@ class BaseTuner(nn.Module):
             self._raise_no_match(peft_config, model, excluded, unmatched)
         for key in matched:
             self._check_target_module_compatible(peft_config, model.get_submodule(key), key)
+        _warn_unmatched_patterns(peft_config, matched)
 
         replaced: list[tuple[nn.Module, str, nn.Module]] = []
         updated: list[BaseTunerLayer] = []
@@ -489,6 +490,18 @@ class BaseTuner(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _warn_unmatched_patterns(peft_config, targeted: list[str]) -> None:
+    """PEFT's RuntimeWarning for rank_pattern / alpha_pattern keys that match no targeted module (a typo)."""
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(peft_config, attr, None) or {}
+        unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", name) for name in targeted))
+        if unmatched:
+            warnings.warn(
+                f"The following {attr} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+            )
 
 
 def set_trainable_modules(model: nn.Module, adapter_name: str, module_names, inference_mode: bool = False) -> None:

@@ -235,7 +235,9 @@ def set_peft_model_state_dict(
             if hasattr(module, "_move_adapter_to_device_of_base_layer"):
                 module._move_adapter_to_device_of_base_layer(adapter_name)
     if mismatched:
-        lines = "\n".join(f"- {k}: found shape {a} in the checkpoint and {b} in the model instantiated" for k, a, b in mismatched)
+        lines = "\n".join(
+            f"- {k}: found shape {a} in the checkpoint and {b} in the model instantiated" for k, a, b in mismatched
+        )
         warnings.warn(
             f"Some weights of {model.__class__.__name__} were not initialized from the model checkpoint and are "
             f"being ignored because you passed `ignore_mismatched_sizes=True`: {lines}."
