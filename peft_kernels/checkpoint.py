@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from .utils.peft_types import TaskType
+from .utils.peft_types import PeftType, TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
 if TYPE_CHECKING:
@@ -82,39 +82,41 @@ class AdapterCheckpointMixin:
                 peft_config.inference_mode = inference_mode
 
     def create_or_update_model_card(self, output_dir: str) -> None:
-        """README.md front matter with ``library_name: peft``, the base model and the method tag."""
+        """README.md as PEFT writes it: an existing card is updated (its other metadata and text kept), else
+        huggingface_hub's default template; ``library_name: peft``, the tags, the base model, the pipeline tag of
+        a causal LM, and a "Framework versions" line with the PEFT format version we write."""
+        from huggingface_hub import ModelCard, ModelCardData
+
+        from .version import PEFT_VERSION_STRING
+
         path = os.path.join(output_dir, "README.md")
+        card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+        card.data["library_name"] = "peft"
         model_config = getattr(self.get_base_model(), "config", None)
         base_model = getattr(model_config, "_name_or_path", None) if model_config is not None else None
-        tags = {f"{t.value.lower() if hasattr(t, 'value') else str(t).lower()}" for t in [self.peft_type]}
-        tags.add("transformers") if model_config is not None else None
-        if base_model:
-            tags.add(f"base_model:adapter:{base_model}")
-        front = ["---"]
-        if base_model:
-            front.append(f"base_model: {base_model}")
-        front.append("library_name: peft")
-        if self._task_type == TaskType.CAUSAL_LM:
-            front.append("pipeline_tag: text-generation")
-        front.append("tags:")
-        front += [f"- {tag}" for tag in sorted(tags)]
-        front.append("---")
-        body = ""
-        if os.path.exists(path):
-            with open(path) as f:
-                text = f.read()
-            if text.startswith("---"):
-                end = text.find("\n---", 3)
-                body = text[end + 4 :] if end >= 0 else ""
+        base = self.get_base_model()
+        tags = set(getattr(base, "model_tags", None) or [])
+        if any(c.__name__ == "PreTrainedModel" for c in type(base).__mro__):
+            tags.add("transformers")
+        if self.peft_type == PeftType.LORA:
+            tags.add("lora")
+        if hasattr(base, "name_or_path"):  # PEFT's tag, even when the name is empty (a model built from a config)
+            tags.add(f"base_model:adapter:{base.name_or_path}")
+        if tags:
+            card.data["tags"] = sorted(tags)
+        if not card.data.pipeline_tag and self._task_type == TaskType.CAUSAL_LM:
+            card.data.pipeline_tag = "text-generation"
+        if model_config is not None and hasattr(model_config, "_name_or_path"):
+            card.data["base_model"] = base_model
+        lines = card.text.splitlines()
+        heading, framework_line = "### Framework versions", f"- PEFT {PEFT_VERSION_STRING}"
+        if framework_line not in lines:
+            if heading in lines:
+                lines.insert(lines.index(heading) + 2, framework_line)
             else:
-                body = text
-        from .version import __version__
-
-        framework_line = f"- PEFT {__version__} (peft_kernels)"
-        if framework_line not in body:
-            body = body.rstrip("\n") + f"\n\n### Framework versions\n\n{framework_line}\n"
-        with open(path, "w") as f:
-            f.write("\n".join(front) + "\n" + body)
+                lines.append(f"{heading}\n\n{framework_line}")
+        card.text = "\n".join(lines)
+        card.save(path)
 
     @classmethod
     def from_pretrained(
@@ -209,6 +211,8 @@ class AdapterCheckpointMixin:
                 low_cpu_mem_usage=low_cpu_mem_usage,
                 autocast_adapter_dtype=autocast_adapter_dtype,
             )
+            if is_trainable and not self._is_prompt_learning:  # a new adapter is added frozen; asked to train: train
+                self.set_requires_grad(adapter_name)
         adapters_weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
         load_result = set_peft_model_state_dict(
             self,

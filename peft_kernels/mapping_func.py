@@ -33,6 +33,12 @@ def get_peft_model(
         raise NotImplementedError("mixed=True (PeftMixedModel) is not implemented by peft_kernels.")
     if peft_config.peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise NotImplementedError(f"peft_type {peft_config.peft_type!r} is not implemented by peft_kernels.")
+    if peft_config.is_prompt_learning and peft_config.task_type not in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
+        # PEFT fails here with KeyError: None; the prompt's placement depends on the task, so name it.
+        raise ValueError(
+            f"{type(peft_config).__name__} needs a task_type (one of {sorted(MODEL_TYPE_TO_PEFT_MODEL_MAPPING)}), "
+            f"got task_type={peft_config.task_type!r}."
+        )
     old_name = peft_config.base_model_name_or_path
     new_name = model.__dict__.get("name_or_path", None) or None
     peft_config.base_model_name_or_path = new_name

@@ -229,6 +229,11 @@ class BaseTuner(nn.Module):
         peft_config = self._prepare_adapter_config(peft_config, model_config)
         peft_config = expand_all_linear(peft_config, model)
         minimize_target_modules(peft_config, [key for key, _ in model.named_modules()])
+        # Adding an adapter leaves the trainability of every existing parameter as it was (PEFT); the first
+        # injection freezes the base model instead.
+        requires_grad_before = []
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
 
         matched, excluded, unmatched = [], [], []
         tuner_children = set()
@@ -249,6 +254,7 @@ class BaseTuner(nn.Module):
             self._raise_no_match(peft_config, model, excluded, unmatched)
         for key in matched:
             self._check_target_module_compatible(peft_config, model.get_submodule(key), key)
+        _warn_unmatched_patterns(peft_config, matched)
 
         replaced: list[tuple[nn.Module, str, nn.Module]] = []
         updated: list[BaseTunerLayer] = []
@@ -284,6 +290,8 @@ class BaseTuner(nn.Module):
             for name, param in model.named_parameters():
                 if adapter_name in name:
                     param.requires_grad = False
+        for param, requires_grad in requires_grad_before:
+            param.requires_grad = requires_grad
 
     def _raise_no_match(self, peft_config, model, excluded, unmatched) -> None:
         if excluded and not unmatched:
@@ -477,6 +485,18 @@ class BaseTuner(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _warn_unmatched_patterns(peft_config, targeted: list[str]) -> None:
+    """PEFT's RuntimeWarning for rank_pattern / alpha_pattern keys that match no targeted module (a typo)."""
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(peft_config, attr, None) or {}
+        unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", name) for name in targeted))
+        if unmatched:
+            warnings.warn(
+                f"The following {attr} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+            )
 
 
 def set_trainable_modules(model: nn.Module, adapter_name: str, module_names, inference_mode: bool = False) -> None:

@@ -34,6 +34,11 @@ def _lora_layer_types():
     return (LoraLayer,)
 
 
+class AdapterShapeMismatchError(ValueError, RuntimeError):
+    """A checkpoint tensor's shape differs from the model's. A RuntimeError as PEFT raises (torch's
+    load_state_dict), and a ValueError as earlier peft_kernels releases did."""
+
+
 def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, str]:
     """model state_dict key -> checkpoint key, for every tensor that belongs to ``adapter_name``."""
     mapping: dict[str, str] = {}
@@ -114,6 +119,8 @@ def _embedding_key_prefixes(model: nn.Module, config, save_embedding_layers) -> 
     for layer in layers:
         if layer is None:
             continue
+        if embedding_targeted and not isinstance(getattr(layer, "base_layer", None), (nn.Linear, nn.Embedding)):
+            continue  # targeted: only the adapted (wrapped) embedding layers are saved, as PEFT; an untouched head not
         for name, module in model.named_modules():
             if module is layer or getattr(module, "base_layer", None) is layer:
                 prefixes.append(f"{name}.")
@@ -206,15 +213,17 @@ def set_peft_model_state_dict(
         model_key = ckpt_to_model.get(lookup)
         if model_key is None and lookup in model_sd and _is_embedding_key(lookup):
             model_key = lookup  # full embedding weights saved with save_embedding_layers
+        if model_key is None and lookup in model_sd and lookup.endswith("bias"):
+            model_key = lookup  # a base bias trained with bias="all"/"lora_only": loaded whatever this config says
         if model_key is None:
             unexpected.append(key)
             continue
         expected = model_sd[model_key].shape
         if value.shape != expected:
             if ignore_mismatched_sizes:
-                mismatched.append((key, tuple(value.shape), tuple(expected)))
+                mismatched.append((model_key, value.shape, expected))  # PEFT's warning: model keys, torch.Size
                 continue
-            raise ValueError(
+            raise AdapterShapeMismatchError(
                 f"Shape mismatch for {key!r} (adapter {adapter_name!r}): the checkpoint has {tuple(value.shape)}, "
                 f"the model expects {tuple(expected)}. Was the adapter trained with another r, target module or "
                 "base model?"
@@ -226,7 +235,9 @@ def set_peft_model_state_dict(
             if hasattr(module, "_move_adapter_to_device_of_base_layer"):
                 module._move_adapter_to_device_of_base_layer(adapter_name)
     if mismatched:
-        lines = "\n".join(f"- {k}: found shape {a} in the checkpoint and {b} in the model" for k, a, b in mismatched)
+        lines = "\n".join(
+            f"- {k}: found shape {a} in the checkpoint and {b} in the model instantiated" for k, a, b in mismatched
+        )
         warnings.warn(
             f"Some weights of {model.__class__.__name__} were not initialized from the model checkpoint and are "
             f"being ignored because you passed `ignore_mismatched_sizes=True`: {lines}."

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _tolerances import FP32_SAME_MATH, assert_close
 from torch import nn
 
 import peft_kernels as pk
@@ -105,3 +106,120 @@ def test_delete_unmerged_adapter_keeps_other_merged():
             )
         )
     assert results[1] == results[0] == (["default"], ["default"], True)
+
+
+@pytest.mark.parametrize("first_trainable", [False, True])
+def test_requires_grad_after_loading_matches_peft(tmp_path, first_trainable):
+    results = []
+    for lib in _libs():
+        path = tmp_path / lib.__name__
+        config = lib.LoraConfig(target_modules=["0"], modules_to_save=["2"])
+        lib.get_peft_model(_mlp(), config).save_pretrained(path)
+        biased = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], bias="all"))
+        biased.save_pretrained(tmp_path / f"{lib.__name__}_bias")
+        frozen = lib.PeftModel.from_pretrained(_mlp(), tmp_path / f"{lib.__name__}_bias", is_trainable=first_trainable)
+        model = lib.PeftModel.from_pretrained(_mlp(), path, is_trainable=first_trainable)
+        states = [_trainable(frozen), _trainable(model)]
+        model.load_adapter(path, adapter_name="b", is_trainable=True)
+        states.append(_trainable(model))
+        model.load_adapter(path, adapter_name="c", is_trainable=False)
+        states.append(_trainable(model))
+        results.append(states)
+    assert results[1] == results[0]
+    assert any(".b." in name for name in results[1][2]), "a second adapter loaded as trainable trains"
+
+
+def test_saved_bias_entries_load_into_a_differently_configured_adapter():
+    results = []
+    x = torch.randn(2, 4)
+    for lib in _libs():
+        config = dict(target_modules=["0"], bias="all", lora_bias=True, init_lora_weights=False)
+        trained = lib.get_peft_model(_mlp(), lib.LoraConfig(**config))
+        with torch.no_grad():
+            for name, param in trained.named_parameters():
+                if name.endswith("bias"):
+                    param.add_(1.0)
+        state = lib.get_peft_model_state_dict(trained)
+        receiver = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], init_lora_weights=False))
+        result = lib.set_peft_model_state_dict(receiver, state)
+        with torch.no_grad():
+            results.append((sorted(result.unexpected_keys), receiver(x)))
+    assert results[1][0] == results[0][0] == ["base_model.model.0.lora_B.bias"]
+    assert_close(results[1][1], results[0][1], FP32_SAME_MATH, "outputs after the round trip")
+
+
+def test_unload_returns_the_original_module_when_its_copy_is_inactive():
+    results = []
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], modules_to_save=["2"]))
+        with torch.no_grad():
+            model.base_model.model[2].modules_to_save["default"].weight.add_(1.0)
+        model.add_adapter("other", lib.LoraConfig(target_modules=["0"]))
+        model.set_adapter("other")
+        results.append(model.unload()[2].weight.clone())
+    assert torch.equal(results[1], results[0]) and torch.equal(results[1], _mlp()[2].weight)
+
+
+def test_ignore_mismatched_sizes_is_honoured_like_peft(tmp_path):
+    results = []
+    for lib in _libs():
+        path = tmp_path / lib.__name__
+        lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], r=4)).save_pretrained(path)
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], r=8))
+        before = model.base_model.model[0].lora_A["default"].weight.clone()
+        with pytest.raises(RuntimeError):  # without the flag: PEFT's exception type
+            model.load_adapter(path, adapter_name="default")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = model.load_adapter(path, adapter_name="default", ignore_mismatched_sizes=True)
+        message = next(str(w.message) for w in caught if "ignore_mismatched_sizes" in str(w.message))
+        unchanged = torch.equal(model.base_model.model[0].lora_A["default"].weight, before)
+        results.append((message, sorted(result.missing_keys), unchanged))
+    assert results[1] == results[0]
+
+
+class _TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed_tokens = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, ids):
+        return self.lm_head(self.proj(self.embed_tokens(ids)))
+
+
+def test_targeted_embedding_saves_no_untouched_lm_head(tmp_path):
+    from safetensors.torch import load_file
+
+    results = []
+    for lib in _libs():
+        model = lib.get_peft_model(_TinyLM(), lib.LoraConfig(target_modules=["embed_tokens", "proj"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp_path / lib.__name__)
+        results.append(sorted(load_file(tmp_path / lib.__name__ / "adapter_model.safetensors")))
+    assert results[1] == results[0]
+    assert not any("lm_head" in key for key in results[1])
+    assert "base_model.model.embed_tokens.base_layer.weight" in results[1]
+
+
+@pytest.mark.parametrize("config_cls", ["PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig"])
+def test_prompt_learning_without_task_type_names_it(config_cls):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=16))
+    config = getattr(pk, config_cls)(
+        num_virtual_tokens=2, **({"encoder_hidden_size": 8} if "Encoder" in config_cls else {})
+    )
+    with pytest.raises(ValueError, match=r"needs a task_type \(one of .*CAUSAL_LM.*\), got task_type=None"):
+        pk.get_peft_model(base, config)
+    assert config.base_model_name_or_path is None and not hasattr(base, "peft_config")
