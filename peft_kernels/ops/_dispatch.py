@@ -33,6 +33,8 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     # int8 W8A16: the CUDA GEMV serves decode (M <= 16) and declines the rest; training shapes go to Triton.
     "lora_linear_int8_fwd": ("cuda", "triton", "reference"),
     "lora_linear_int8_bwd": ("triton", "cuda", "reference"),
+    # Mixed-adapter batches (adapter_names=): one fused Triton kernel pair; forward only.
+    "lora_linear_mixed": ("triton", "reference"),
     # Prefix K/V copies and their batch reduction: plain CUDA copy kernels (16-byte vectors) first.
     "prefix_kv_fill": ("cuda", "triton", "reference"),
     "kv_append": ("cuda", "triton", "reference"),

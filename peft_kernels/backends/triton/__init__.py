@@ -13,6 +13,7 @@ import os
 # op name -> module under backends/triton/ that defines a function of the same name
 _OP_MODULES: dict[str, str] = {"lora_linear_fwd": "lora", "lora_linear_bwd": "lora"}
 _OP_MODULES.update({"prefix_kv_fill": "prefix", "kv_append": "prefix", "prefix_kv_fill_bwd": "prefix"})
+_OP_MODULES.update({"lora_linear_mixed": "lora_mixed"})
 _OP_MODULES.update({"lora_linear_int8_fwd": "lora_int8", "lora_linear_int8_bwd": "lora_int8"})
 
 
