@@ -104,8 +104,9 @@ def _rows_per_sample(x: torch.Tensor, row_adapter: torch.Tensor, n: int) -> int:
         raise ValueError(f"row_adapter must be an integer tensor, got {row_adapter.dtype}")
     if row_adapter.device != x.device:
         raise ValueError(f"row_adapter is on {row_adapter.device} but x is on {x.device}")
-    if row_adapter.device.type == "cpu" and row_adapter.numel():
-        # Checked where it costs no device sync; on an accelerator an index outside [-1, n) selects no adapter.
+    if row_adapter.device.type == "cpu" and row_adapter.numel() and not torch.compiler.is_compiling():
+        # Checked where it costs no device sync (and eagerly: a value check breaks a compiled graph); elsewhere an
+        # index outside [-1, n) selects no adapter.
         low, high = int(row_adapter.min()), int(row_adapter.max())
         if low < -1 or high >= n:
             bad = low if low < -1 else high
