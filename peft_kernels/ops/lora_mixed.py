@@ -107,7 +107,7 @@ def _rows_per_sample(x: torch.Tensor, row_adapter: torch.Tensor, n: int) -> int:
     if row_adapter.device.type == "cpu" and row_adapter.numel() and not torch.compiler.is_compiling():
         # Checked where it costs no device sync (and eagerly: a value check breaks a compiled graph); elsewhere an
         # index outside [-1, n) selects no adapter.
-        low, high = int(row_adapter.min()), int(row_adapter.max())
+        low, high = (int(v) for v in torch.aminmax(row_adapter))
         if low < -1 or high >= n:
             bad = low if low < -1 else high
             raise ValueError(f"row_adapter holds {bad}, outside [-1, {n}) for {n} adapters")
