@@ -126,6 +126,23 @@ else:
         shuffled = dict(inp, x=inp["x"][perm], g=inp["g"][perm])
         assert_close(_call(shuffled, torch.float32, torch.float32, "triton"), y[perm], FP32_SAME_MATH, "permuted")
 
+    def test_stacked_adapter_cache_follows_in_place_updates():
+        """A second call reuses the stacked adapters; an in-place update of one adapter (new _version) re-stacks."""
+        from peft_kernels.backends.triton import lora_mixed as tri
+
+        case = CASES[3]
+        inp = _inputs(case)
+        first = _call(inp, torch.float32, torch.float32, "triton")
+        hits = len(tri._STACK_CACHE)
+        assert_close(_call(inp, torch.float32, torch.float32, "triton"), first, (0.0, 0.0), "cached")
+        assert len(tri._STACK_CACHE) == hits  # no new entry: the cached stack served the call
+        with torch.no_grad():
+            inp["b"][1].mul_(3.0)
+        after = _call(inp, torch.float32, torch.float32, "triton")
+        truth = _call(inp, torch.float64, torch.float64, "reference")
+        assert_close_to_ref(after, _call(inp, torch.float32, torch.float32, "reference"), truth, torch.float32)
+        assert not torch.equal(after, first)
+
     def test_deterministic_mode_is_reproducible():
         # K = 200 over BLOCK_K = 32 with the interpreter's 2 "SMs": the shrink splits K (workspace path).
         case = ("det", (9,), 200, 40, (4, 16), "random", torch.float32, torch.float32, True, False, "contiguous")

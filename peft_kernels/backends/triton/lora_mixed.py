@@ -19,6 +19,10 @@ adapters on 16-bit activations, the interpreter's fp32 detour for 16-bit dots.
 
 from __future__ import annotations
 
+import collections
+import functools
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -221,6 +225,36 @@ KERNELS = {"mixed_shrink": _mixed_shrink_kernel, "linear_lora_mixed": _linear_lo
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Stacked copies of recent adapter sets (one per LoRA layer of a served model), so that a decode step does not
+# re-stack every layer's adapters (2n copy kernels per call). An entry is used only while every source tensor is
+# the same live object (weak references) at the same version (an in-place update, e.g. an optimizer step or
+# load_state_dict, bumps ``_version``); anything else re-stacks.
+_STACK_CACHE: collections.OrderedDict = collections.OrderedDict()
+STACK_CACHE_SIZE = 512
+
+
+def stacked_adapters(lora_a, lora_b, lora_b_bias):
+    """``stack_adapters`` through the cache above."""
+    sources = [t for t in (*lora_a, *lora_b, *lora_b_bias) if t is not None]
+    key = tuple((id(t), t._version) for t in sources) + (len(lora_a),)
+    entry = _STACK_CACHE.get(key)
+    if entry is not None and all(ref() is t for ref, t in zip(entry[0], sources)):
+        _STACK_CACHE.move_to_end(key)
+        return entry[1]
+    stacked = stack_adapters(lora_a, lora_b, lora_b_bias)
+    # A source tensor freed drops its entry at once (no stacked copy outlives the adapters it was made from).
+    _STACK_CACHE[key] = ([weakref.ref(t, lambda _, key=key: _STACK_CACHE.pop(key, None)) for t in sources], stacked)
+    while len(_STACK_CACHE) > STACK_CACHE_SIZE:
+        _STACK_CACHE.popitem(last=False)
+    return stacked
+
+
+@functools.lru_cache(maxsize=256)
+def _scales(scaling: tuple, device: torch.device) -> torch.Tensor:
+    """s_a as an fp32 device tensor, made once per distinct scaling tuple (no host-to-device copy per call)."""
+    return torch.tensor(scaling, dtype=torch.float32).to(device)
+
+
 def stack_adapters(lora_a, lora_b, lora_b_bias):
     """(A* (n, R, K), B* (n, N, R), b_B* (n, N) or None, ranks (n,) int32): zero-padded to R = max r_a."""
     n, rank_max = len(lora_a), max(a.shape[0] for a in lora_a)
@@ -257,11 +291,11 @@ def lora_linear_mixed(x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, row
     N, n = weight.shape[0], len(lora_a)
     prec, upcast = _fp32_precision(), interpreting()
     with _device_guard(x):
-        a_stack, b_stack, bb_stack, ranks = stack_adapters(lora_a, lora_b, lora_b_bias)
+        a_stack, b_stack, bb_stack, ranks = stacked_adapters(lora_a, lora_b, lora_b_bias)
         rank_max = a_stack.shape[1]
         rank_block = _configs.rank_block(rank_max)
         g = row_adapter.to(torch.int32).contiguous()
-        scales = torch.tensor(scaling, dtype=torch.float32).to(x.device, non_blocking=True)
+        scales = _scales(tuple(scaling), x.device)
         shrink_cfg, fwd_cfg = _configs_for(M, rank_block, x.device)
         # ---- M1
         m_blocks = triton.cdiv(M, shrink_cfg.kwargs["BLOCK_M"])
