@@ -6,6 +6,7 @@ Ops and modes::
     lora_linear_int8  the same over W = W_int8·scale[:, None]   fwd | bwd | fwd+bwd | no-grad-fwd
     prefix_kv         prefix encoder → per-layer K/V caches     fwd | fwd+bwd | decode
                       holding the prefix and T new tokens
+    lora_linear_mixed a batch mixed over 8 adapters              no-grad-fwd   (bench/mixed.py)
 
 ``fwd`` records the autograd graph, ``bwd`` replays the backward of one recorded forward, ``fwd+bwd`` is a
 training step of the layer, ``no-grad-fwd`` is inference (dropout off). Decode-sized linears (M ≤ 16 tokens) run
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
-OPS = ("lora_linear", "lora_linear_int8", "prefix_kv")
+OPS = ("lora_linear", "lora_linear_int8", "prefix_kv", "lora_linear_mixed")
 LINEAR_MODES = ("fwd", "bwd", "fwd+bwd", "no-grad-fwd")
 PREFIX_MODES = ("fwd", "fwd+bwd", "decode")
 DECODE_TOKENS_MAX = 16
@@ -99,7 +100,7 @@ class Case:
         s = self.shape
         if isinstance(s, LinearShape):
             weight = s.N * s.K + 4 * s.N if self.op == "lora_linear_int8" else s.N * s.K * act_bytes
-            adapters = s.r * (s.K + s.N) * adapter_bytes
+            adapters = s.r * (s.K + s.N) * adapter_bytes * getattr(s, "adapters", 1)  # bench/mixed.py: n adapters
             fwd = (s.M * s.K + s.M * s.N) * act_bytes + weight + adapters
             bwd = (s.M * s.N + 2 * s.M * s.K) * act_bytes + weight + 2 * adapters
             return {"fwd": fwd, "no-grad-fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[self.mode]
@@ -189,6 +190,10 @@ def select_cases(device_type: str, size: str, ops=OPS, modes=None) -> list[Case]
         cases += _linear_cases("lora_linear_int8", int8)
     if "prefix_kv" in ops:
         cases += _prefix_cases(prefix)
+    if "lora_linear_mixed" in ops:
+        from .mixed import mixed_cases
+
+        cases += mixed_cases(device_type, size)
     unknown = set(ops) - set(OPS)
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; expected some of {OPS}")

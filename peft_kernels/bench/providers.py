@@ -35,6 +35,7 @@ _OPS_OF = {
     "lora_linear": ("lora_linear_fwd", "lora_linear_bwd"),
     "lora_linear_int8": ("lora_linear_fwd", "lora_linear_bwd"),  # one op pair for every weight format
     "prefix_kv": ("prefix_kv_fill", "kv_append", "prefix_kv_fill_bwd"),
+    "lora_linear_mixed": ("lora_linear_mixed",),
 }
 
 
@@ -359,6 +360,10 @@ class PrefixProblem(Problem):
 def build_problem(case: Case, device: torch.device) -> Problem:
     if case.op == "prefix_kv":
         return PrefixProblem(case, device)
+    if case.op == "lora_linear_mixed":
+        from .mixed import MixedProblem
+
+        return MixedProblem(case, device)
     return LinearProblem(case, device)
 
 

@@ -3,7 +3,8 @@
 ``Linear`` wraps ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight stored (in, out); flagged by
 ``fan_in_fan_out``). Its forward for the active adapters is ``ops.lora_linear_multi`` — base GEMM plus every
 low-rank update in one op, dropout regenerated from a seed — whenever the base layer is a plain linear map;
-anything else (hooks, subclasses, extra forward arguments, mixed-adapter batches) runs PEFT's eager formula.
+anything else (hooks, subclasses, extra forward arguments) runs PEFT's eager formula. A mixed-adapter batch
+(``adapter_names=``) is one ``ops.lora_linear_mixed`` call for Linear, grouped eager updates for the others.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from .. import ops
 from ._base import BaseTunerLayer, check_adapters_to_merge, is_conv1d
+from ._mixed import add_grouped_updates, linear_mixed_forward
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -304,17 +306,12 @@ class LoraLayer(BaseTunerLayer):
                     )
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
-        """Row i uses adapter adapter_names[i] ("__base__": none). Eval-only; eager."""
+        """Sample i uses adapter adapter_names[i] ("__base__": none): the base layer's forward, then each adapter's
+        eager update on its own samples. The path of every layer type without a fused one (Conv2d, int8 and
+        quantized bases); Linear overrides it with ``ops.lora_linear_mixed``."""
         result = self.base_layer(x, *args, **kwargs)
-        torch_result_dtype = result.dtype
         store = getattr(self, self._adapter_store)
-        for adapter in set(adapter_names):
-            if adapter == "__base__" or adapter not in store:
-                continue
-            rows = [i for i, name in enumerate(adapter_names) if name == adapter]
-            update = self._eager_lora_update(x[rows], adapter)
-            result[rows] += update.to(torch_result_dtype)
-        return result
+        return add_grouped_updates(result, x, adapter_names, store, self._eager_lora_update)
 
 
 class Linear(nn.Module, LoraLayer):
@@ -365,6 +362,9 @@ class Linear(nn.Module, LoraLayer):
         if not self._fused_path_ok(self.base_layer, active, args, kwargs):
             return self._eager_forward(x, active, args, kwargs)
         return self._fused_forward(x, self.base_layer, active)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        return linear_mixed_forward(self, x, args, kwargs, adapter_names)
 
     def _fused_forward(self, x: torch.Tensor, base_layer: nn.Module, active: list[str]) -> torch.Tensor:
         # Conv1D stores W as (in, out); its transposed view is the (out, in) weight the op expects, no copy.

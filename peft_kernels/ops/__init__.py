@@ -8,6 +8,7 @@ from .lora import (
     lora_linear_int8_multi,
     lora_linear_multi,
 )
+from .lora_mixed import lora_linear_mixed
 from .prefix import KvAppendFunction, PrefixFillFunction, kv_append, prefix_kv_fill, prefix_kv_write
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_int8",
     "lora_linear_int8_multi",
+    "lora_linear_mixed",
     "lora_linear_multi",
     "prefix_kv_fill",
     "prefix_kv_write",

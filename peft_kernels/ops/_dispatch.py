@@ -40,6 +40,8 @@ ENV_VAR = "PEFT_KERNELS_BACKEND"
 PRIORITY: dict[str, tuple[str, ...]] = {
     "lora_linear_fwd": ("cuda", "triton", "reference"),
     "lora_linear_bwd": ("triton", "reference"),
+    # Mixed-adapter batches (adapter_names=): one fused Triton kernel pair; forward only.
+    "lora_linear_mixed": ("triton", "reference"),
     "prefix_kv_fill": ("cuda", "triton", "reference"),
     "kv_append": ("cuda", "triton", "reference"),
     "prefix_kv_fill_bwd": ("cuda", "triton", "reference"),

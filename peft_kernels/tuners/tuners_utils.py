@@ -6,6 +6,7 @@ import difflib
 import re
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Optional, Union
 
 from torch import nn
@@ -452,34 +453,48 @@ class BaseTuner(nn.Module):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """Routes ``adapter_names`` (mixed batches) to every tuner layer for the duration of a forward."""
+        """Routes ``adapter_names`` (mixed batches) to every tuner layer for the duration of a forward.
+
+        With beam search (``num_beams`` > 1 among the generate kwargs) each name is repeated once per beam, as
+        generate repeats each sample; an encoder-decoder's encoder still sees one name per input sample.
+        """
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        # As PEFT: a name is known when at least one tuner layer holds it (a typo is caught, not skipped).
         expected = set()
         for module in self.model.modules():
-            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-                expected |= (
-                    set(module.modules_to_save.keys())
-                    if isinstance(module, ModulesToSaveWrapper)
-                    else set(module._get_available_adapters())
-                )
+            if isinstance(module, BaseTunerLayer):
+                expected |= module._get_available_adapters()
         unique = {name for name in adapter_names if name != "__base__"}
-        unknown = unique - set(self.peft_config)
+        unknown = unique - expected
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        per_input = adapter_names
+        if isinstance(num_beams, int) and num_beams > 1:
+            if not isinstance(adapter_names, (list, tuple)):
+                raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+        encoder_layers = set()
+        if per_input is not adapter_names and encoder is not None and encoder is not self.model:
+            encoder_layers = {
+                id(m) for m in encoder.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))
+            }
         handles = []
 
-        def pre_hook(module, args, kwargs):
-            kwargs["adapter_names"] = adapter_names
+        def pre_hook(names, module, args, kwargs):
+            kwargs["adapter_names"] = names
             return args, kwargs
 
         for module in self.model.modules():
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                names = per_input if id(module) in encoder_layers else adapter_names
+                handles.append(module.register_forward_pre_hook(partial(pre_hook, names), with_kwargs=True))
         try:
             yield
         finally:

@@ -1,4 +1,5 @@
-"""Every ```python block of docs/TRAINING_STACKS.md runs as written (tiny models, CPU)."""
+"""Every ```python block of docs/TRAINING_STACKS.md, and the README's mixed-batch example, runs as written (tiny
+models, CPU)."""
 
 import functools
 import os
@@ -164,3 +165,21 @@ def test_doc_example_runs(index, namespace, request, monkeypatch):
 
         layers = [m for m in built[0].modules() if isinstance(m, LoraLayer)]
         assert len(built) == 1 and layers and all(is_patched(m) for m in layers), "the one line fused the layers"
+
+
+README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+
+
+def _readme_section_blocks(heading: str) -> list[str]:
+    with open(README) as f:
+        section = f.read().split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_mixed_batch_example_runs(one_thread_quiet):
+    """The README's ``adapter_names=`` example: it checks its own rows against set_adapter / disable_adapter."""
+    (code,) = _readme_section_blocks("Many adapters in one batch")
+    namespace = {"make_base": lambda: make_model("llama")[0]}
+    exec(compile(code, "README.md adapter_names example", "exec"), namespace)
+    assert namespace["logits"].shape[0] == 3
+    assert namespace["tokens"].shape[0] == 3 and namespace["tokens"].shape[1] > 6

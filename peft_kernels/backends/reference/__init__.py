@@ -6,6 +6,7 @@ from __future__ import annotations
 IMPLEMENTATIONS = {
     "lora_linear_fwd": "lora",
     "lora_linear_bwd": "lora",
+    "lora_linear_mixed": "lora_mixed",
     "prefix_kv_fill": "prefix",
     "kv_append": "prefix",
     "prefix_kv_fill_bwd": "prefix",

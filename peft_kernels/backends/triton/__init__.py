@@ -16,6 +16,7 @@ IMPLEMENTATIONS = {
     "prefix_kv_fill": "prefix",
     "kv_append": "prefix",
     "prefix_kv_fill_bwd": "prefix",
+    "lora_linear_mixed": "lora_mixed",
 }
 
 
