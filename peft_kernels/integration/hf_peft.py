@@ -100,9 +100,9 @@ def _patched_classes() -> dict[type, type]:
     _import_peft()
     from peft.tuners.lora import layer as peft_layer
 
-    from ..layers import lora
+    from ..layers import Conv2d, Embedding, Linear
 
-    pairs = {peft_layer.Linear: lora.Linear, peft_layer.Embedding: lora.Embedding, peft_layer.Conv2d: lora.Conv2d}
+    pairs = {peft_layer.Linear: Linear, peft_layer.Embedding: Embedding, peft_layer.Conv2d: Conv2d}
     try:
         from peft.tuners.lora import bnb as peft_bnb
 
