@@ -1,6 +1,6 @@
 """Hugging Face ``peft`` interop: PEFT's LoRA layers on peft_kernels' fused op, and whole-model conversion.
 
-The only module of peft_kernels that imports ``peft`` (docs/ARCHITECTURE.md §3), and only inside functions:
+The only module of peft_kernels that imports ``peft`` (ARCHITECTURE.md §3), and only inside functions:
 importing this module never needs peft.
 
 ``patch_peft_model(model)``
@@ -100,9 +100,9 @@ def _patched_classes() -> dict[type, type]:
     _import_peft()
     from peft.tuners.lora import layer as peft_layer
 
-    from ..layers import lora, lora_conv
+    from ..layers import Conv2d, Embedding, Linear
 
-    pairs = {peft_layer.Linear: lora.Linear, peft_layer.Embedding: lora.Embedding, peft_layer.Conv2d: lora_conv.Conv2d}
+    pairs = {peft_layer.Linear: Linear, peft_layer.Embedding: Embedding, peft_layer.Conv2d: Conv2d}
     try:
         from peft.tuners.lora import bnb as peft_bnb
 
@@ -379,7 +379,7 @@ def from_hf_peft(model: nn.Module) -> nn.Module:
     from peft.utils.other import ModulesToSaveWrapper as PeftModulesToSaveWrapper
 
     from ..config import PeftConfig
-    from ..mapping_func import get_peft_model
+    from ..mapping import get_peft_model
 
     if not isinstance(model, peft.PeftModel):
         raise TypeError(f"from_hf_peft expects a peft.PeftModel, got {type(model).__name__}")
