@@ -33,6 +33,8 @@ SCHEMAS = {
     "lora_linear_bwd": "(Tensor dy, Tensor x, Tensor weight, Tensor[] lora_a, Tensor[] lora_b, Tensor[] saved_s, "
     "float[] scaling, float[] dropout_p, Tensor? seeds, bool[] output_mask, Tensor? weight_scale=None) "
     "-> (Tensor?, Tensor[], Tensor[])",
+    "lora_linear_mixed": "(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, "
+    "Tensor?[] lora_b_bias, float[] scaling, Tensor row_adapter) -> Tensor",
     # Mutated buffers are declared (Tensor(a!)); the two lists get distinct alias sets because a layer's K and V
     # buffers never alias.
     "prefix_kv_fill": "(Tensor prefix, Tensor(a!)[] k_bufs, Tensor(b!)[] v_bufs) -> ()",

@@ -14,7 +14,7 @@ import torch
 from ..backends.reference import lora_mixed as _reference
 from . import _dispatch
 from ._library import define_op
-from .lora import _check_shapes, _eager_cpu, _needs_autograd
+from .lora import _check_shapes, _needs_autograd
 
 
 def _mixed_fake(x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, row_adapter):
@@ -26,17 +26,10 @@ def _mixed_fake(x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, row_adapt
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-define_op(
-    "lora_linear_mixed",
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, Tensor?[] lora_b_bias, "
-    "float[] scaling, Tensor row_adapter) -> Tensor",
-    _mixed_fake,
-)
+define_op("lora_linear_mixed", _mixed_fake)
 
 
 def _call(*args):
-    if _eager_cpu(args[0]):
-        return _reference.lora_linear_mixed(*args)
     return torch.ops.peft_kernels.lora_linear_mixed(*args)
 
 
