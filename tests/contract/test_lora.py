@@ -379,11 +379,6 @@ def test_load_from_folder_without_config(tmp_path):
         pk.PeftModel.from_pretrained(make_mlp(), tmp_path)
 
 
-def test_prompt_learning_without_task_type_is_a_key_error():
-    with pytest.raises(KeyError):
-        pk.get_peft_model(make_mlp(), pk.PromptTuningConfig(num_virtual_tokens=2))
-
-
 def test_plain_peft_model_for_lora_without_task_type():
     assert type(lora_mlp()) is pk.PeftModel
     gpt2, _ = make_model("gpt2")
