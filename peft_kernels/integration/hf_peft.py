@@ -1,6 +1,6 @@
 """Hugging Face ``peft`` interop: PEFT's LoRA layers on peft_kernels' fused op, and whole-model conversion.
 
-The only module of peft_kernels that imports ``peft`` (ARCHITECTURE.md §3), and only inside functions:
+The only module of peft_kernels that imports ``peft`` (docs/ARCHITECTURE.md §3), and only inside functions:
 importing this module never needs peft.
 
 ``patch_peft_model(model)``
@@ -379,7 +379,7 @@ def from_hf_peft(model: nn.Module) -> nn.Module:
     from peft.utils.other import ModulesToSaveWrapper as PeftModulesToSaveWrapper
 
     from ..config import PeftConfig
-    from ..mapping import get_peft_model
+    from ..mapping_func import get_peft_model
 
     if not isinstance(model, peft.PeftModel):
         raise TypeError(f"from_hf_peft expects a peft.PeftModel, got {type(model).__name__}")
