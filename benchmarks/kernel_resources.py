@@ -189,8 +189,7 @@ def main(argv=None) -> int:
 
     failed = [r for r in results if r[2] is not None]
     spilling = [r for r in results if r[2] is None and (r[1]["spill_stores"] or r[1]["spill_loads"])]
-    gated = set(aot.gated_variants())
-    gated_spills = [r for r in spilling if r[0] in gated]
+    gated_spills = [r for r in spilling if aot.is_gated(r[0])]
     by_kernel = collections.Counter(r[0].op for r in results)
     lines = [
         "# Triton kernel resources (static, generated)",
