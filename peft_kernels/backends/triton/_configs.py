@@ -180,15 +180,18 @@ SHRINK_CONFIGS: dict[int, triton.Config] = {
     16: _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),  # 8 KiB of x per stage; M=8192 -> 128 CTAs before split-K
     32: _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
     64: _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),  # 64x64 fp32 accumulator = 32 registers per thread
-    128: _cfg(4, 3, BLOCK_M=32, BLOCK_K=64),
+    # 8 warps: with 4, fp32 adapters (A split hi/lo) and dropout ptxas spilled 8-16 B (sm_90, ptxas -v)
+    128: _cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
     256: _cfg(8, 3, BLOCK_M=32, BLOCK_K=32),  # A tile 32x256 per stage; 8 warps for the 32x256 accumulator
 }
 # B1 dS = s·dY·B, dB = s·dYᵀ·S: each CTA holds BLOCK_M rows of S and dS and streams its share of dY's columns.
 DYS_DYB_CONFIGS: dict[int, triton.Config] = {
     16: _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),  # dY tile 8 KiB bf16; dB partial 64x16 per step
     32: _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-    64: _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-    128: _cfg(4, 2, BLOCK_M=32, BLOCK_N=64),
+    # 8 warps from R = 64: with 4, fp32 adapters (B and S split hi/lo, two products per dY tile) spilled 72-848 B
+    # (ptxas -v, sm_80 and sm_90)
+    64: _cfg(8, 3, BLOCK_M=64, BLOCK_N=64),
+    128: _cfg(8, 2, BLOCK_M=32, BLOCK_N=64),
     256: _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),  # B tile 32x256 and S 32x256 fp32 resident
 }
 # B3 dA = dSᵀ·x̂: each CTA owns BLOCK_K columns of dA ([R, BLOCK_K] accumulator) and streams rows of x and dS.
