@@ -93,7 +93,7 @@ def audit_variants() -> list:
         for op in _configs.GEMM_OPS:
             for int8 in (False, True):
                 for dropout in (False, True) if op == "linear_lora_bwd_dx" else (False,):
-                    if _configs.pickable(config, dropout) and not (
+                    if _configs.pickable(config, dropout, int8) and not (
                         int8 and op == "linear_lora_bwd_dx" and not dropout
                     ):
                         out.append(aot._variant(op, 90, "bf16", "fp32", 16, config, dropout, int8))

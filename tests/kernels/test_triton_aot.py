@@ -222,7 +222,7 @@ def gated_variants() -> list[Variant]:
                 for xd, ad in GATED_DTYPES:
                     for int8 in (False, True):
                         for dropout in (False, True) if op in _HAS_DROPOUT else (False,):
-                            if _configs.pickable(config, dropout):  # what the autotuner may try
+                            if _configs.pickable(config, dropout, int8):  # what the autotuner may try
                                 out.append(_variant(op, cap, xd, ad, 64, config, dropout, int8))
         for op in _configs.MEMORY_BOUND_OPS:
             for rank_block, config in _configs.declared_memory_bound_configs(op):
@@ -248,7 +248,8 @@ def ci_variants() -> list[Variant]:
                 if not _configs.pickable(config, dropout):
                     continue
                 out.append(_variant(op, cap, "bf16", "fp32", 64, config, dropout))
-                out.append(_variant(op, cap, "fp16", "fp32", 64, config, dropout, int8=True))
+                if _configs.pickable(config, dropout, int8=True):
+                    out.append(_variant(op, cap, "fp16", "fp32", 64, config, dropout, int8=True))
         for op in _configs.MEMORY_BOUND_OPS:
             for i, (rank_block, config) in enumerate(_configs.declared_memory_bound_configs(op)):
                 xd = ("bf16", "fp16")[i % 2]
@@ -342,6 +343,7 @@ def test_ci_variants_cover_every_config_the_runtime_can_pick():
         assert forms == (
             {(False, False), (True, False)} | ({(False, True), (True, True)} if op in _HAS_DROPOUT else set())
         )
+    assert {key(v) for v in gated if v.int8} == {key(v) for v in ci if is_gated(v) and v.int8}
     assert {v.xd for v in ci} == {"bf16", "fp16", "fp32"}
 
 

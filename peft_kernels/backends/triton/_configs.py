@@ -118,8 +118,17 @@ def acc_regs_per_thread(config: triton.Config) -> int:
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
 
 
-def pickable(config: triton.Config, dropout: bool) -> bool:
-    """Whether the autotuner may try ``config`` for a launch with (B2) or without dropout (prune_configs' rule)."""
+# int8 weights (IS_INT8) run their base GEMM transposed (the W tile is wgmma's register operand): with the 64x256
+# tile and 4 warps that is a [256, 64] accumulator plus the converted W tile in registers, and ptxas spilled 96 B
+# (F2, sm_90), so int8 launches do not try it.
+_INT8_EXCLUDED = {(64, 256, 4)}
+
+
+def pickable(config: triton.Config, dropout: bool, int8: bool = False) -> bool:
+    """Whether the autotuner may try ``config`` for a launch with (B2) or without dropout, with a 16-bit or an int8
+    weight (prune_configs' rule)."""
+    if int8 and (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps) in _INT8_EXCLUDED:
+        return False
     if dropout:
         return acc_regs_per_thread(config) <= DROPOUT_MAX_ACC_REGS
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps) not in _DROPOUT_ONLY
@@ -127,9 +136,10 @@ def pickable(config: triton.Config, dropout: bool) -> bool:
 
 def prune_configs(configs, named_args, **kwargs):
     """Triton autotuner ``early_config_prune``: the configs ``pickable`` for this launch's HAS_DROPOUT (B2's
-    constexpr; F2 has none). A list with none pickable (the untuned DEFAULT lists) is kept whole."""
+    constexpr; F2 has none) and IS_INT8. A list with none pickable (the untuned DEFAULT lists) is kept whole."""
     dropout = bool(kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT", False)))
-    return [c for c in configs if pickable(c, dropout)] or configs
+    int8 = bool(kwargs.get("IS_INT8", named_args.get("IS_INT8", False)))
+    return [c for c in configs if pickable(c, dropout, int8)] or configs
 
 
 def for_element_size(configs: list[triton.Config], elem_bytes: int) -> list[triton.Config]:
