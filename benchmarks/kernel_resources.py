@@ -79,20 +79,40 @@ def variant_sets() -> dict[str, list]:
             v for v in gated if v.op in _configs.GEMM_OPS and v.cap == 90 and dict(v.kwargs)["BLOCK_M"] >= 64
         ],
         "ci": aot.ci_variants(),
+        "audit": audit_variants(),
     }
 
 
-def dropout_pairs() -> list:
-    """(kernel, config) pairs compiled with dropout off and on for the SASS comparison: F1 and B3 at R = 16 (the
-    bench's rank), B2 at its largest sm_90 and sm_80 tiles; bf16 x, fp32 adapters."""
+def audit_variants() -> list:
+    """The headline form on sm_90 (bf16 x, fp32 adapters, R = 16): F2 and B2 at their large tiles with 16-bit and
+    int8 weights (B2 with dropout at the tile the autotuner may pick for it), F1/B1/B3 at R = 16."""
     out = []
-    for cap in (90, 80):
-        for op in ("lora_shrink", "lora_bwd_da"):
-            cfg = _configs.heuristic_config(op, 16)
-            out += [aot._variant(op, cap, "bf16", "fp32", 16, cfg, d) for d in (False, True)]
-        table = _configs.CUDA_GEMM_CONFIGS[cap]["large"]
-        cfg = max(table, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-        out += [aot._variant("linear_lora_bwd_dx", cap, "bf16", "fp32", 16, cfg, d) for d in (False, True)]
+    for config in _configs.declared_gemm_configs("linear_lora_fwd", 90):
+        if config.kwargs["BLOCK_M"] < 128 and config.kwargs["BLOCK_N"] < 256:
+            continue
+        for op in _configs.GEMM_OPS:
+            for int8 in (False, True):
+                for dropout in (False, True) if op == "linear_lora_bwd_dx" else (False,):
+                    if _configs.pickable(config, dropout, int8) and not (
+                        int8 and op == "linear_lora_bwd_dx" and not dropout
+                    ):
+                        out.append(aot._variant(op, 90, "bf16", "fp32", 16, config, dropout, int8))
+    for op in _configs.MEMORY_BOUND_OPS:
+        out.append(
+            aot._variant(op, 90, "bf16", "fp32", 16, _configs.heuristic_config(op, 16), op != "lora_bwd_dys_dyb")
+        )
+    return out
+
+
+def dropout_pairs() -> list:
+    """(kernel, config) pairs compiled with dropout off and on for the SASS comparison, sm_90, bf16 x, fp32
+    adapters: F1 and B3 at R = 16 (the bench's rank), B2 at its large dropout tile."""
+    out = []
+    for op in ("lora_shrink", "lora_bwd_da"):
+        cfg = _configs.heuristic_config(op, 16)
+        out += [aot._variant(op, 90, "bf16", "fp32", 16, cfg, d) for d in (False, True)]
+    cfg = _configs._gemm(128, 128, 64, 8, 8, 3)  # the large tile B2 may autotune to with dropout
+    out += [aot._variant("linear_lora_bwd_dx", 90, "bf16", "fp32", 16, cfg, d) for d in (False, True)]
     return out
 
 
@@ -172,7 +192,9 @@ def _pool_map(fn, variants, workers):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", default="all", choices=("all", "gated", "gemm-large", "ci"), help="which variants")
+    parser.add_argument(
+        "--set", default="all", choices=("all", "gated", "gemm-large", "ci", "audit"), help="which variants"
+    )
     parser.add_argument(
         "--sass", action="store_true", help="also the dropout SASS comparison (on by default with --out)"
     )
@@ -189,8 +211,7 @@ def main(argv=None) -> int:
 
     failed = [r for r in results if r[2] is not None]
     spilling = [r for r in results if r[2] is None and (r[1]["spill_stores"] or r[1]["spill_loads"])]
-    gated = set(aot.gated_variants())
-    gated_spills = [r for r in spilling if r[0] in gated]
+    gated_spills = [r for r in spilling if aot.is_gated(r[0])]
     by_kernel = collections.Counter(r[0].op for r in results)
     lines = [
         "# Triton kernel resources (static, generated)",

@@ -22,6 +22,8 @@ below (the KiB figures in the comments are those compiled sizes, bf16); no choic
 
 from __future__ import annotations
 
+import os
+
 import triton
 
 # Shared memory a CTA may use (opt-in maximum), bytes: sm_80 (A100) 163 KiB, sm_86/sm_89 99 KiB (where the DEFAULT
@@ -79,6 +81,7 @@ CUDA_GEMM_CONFIGS: dict[int, dict[str, list[triton.Config]]] = {
             _gemm(128, 256, 64, 8, 8, 3),  # LoRAFusion's H100 tile (128, 256, 64, 8 warps) at 3 stages: 144 KiB
             _gemm(128, 128, 64, 8, 4, 4),  # Triton tutorial 03's fp16 tile; 128 KiB, 2 CTAs/SM do not fit
             _gemm(64, 256, 64, 8, 4, 4),  # narrow-M variant for N >= 4096: 160 KiB bf16, 184 KiB fp32
+            _gemm(128, 128, 64, 8, 8, 3),  # B2 with dropout only (see prune_configs): 64 acc registers per thread
         ],
     },
     80: {
@@ -88,6 +91,7 @@ CUDA_GEMM_CONFIGS: dict[int, dict[str, list[triton.Config]]] = {
             _gemm(128, 128, 32, 8, 4, 4),  # LoRAFusion's A100 SXM tile (128, 128, 32, 8, 4 stages, 4 warps): 48 KiB
             _gemm(128, 256, 64, 8, 8, 3),  # large N (gate/up 14336); 96 KiB (sm_80 keeps num_stages - 1 buffers)
             _gemm(64, 128, 32, 8, 4, 4),  # LoRAFusion's RTX 3090 tile: 36 KiB, 3-4 CTAs per SM
+            _gemm(128, 128, 64, 8, 8, 3),  # B2 with dropout only (see prune_configs): 64 acc registers per thread
         ],
     },
 }
@@ -98,6 +102,44 @@ DEFAULT_GEMM_CONFIGS: dict[str, list[triton.Config]] = {
     "small": [_gemm(64, 64, 64, 4, 4, 3)],  # 48 KiB
     "large": [_gemm(128, 128, 32, 8, 4, 3)],  # 48 KiB; the A100 tile at 3 stages
 }
+
+
+# B2 with dropout draws its keep mask over the whole fp32 LoRA tile before the K loop. With 128 fp32 accumulator
+# registers per thread (128x256 w8, 128x128 w4, 64x256 w4) ptxas then spills 0.8-2 KB in that prologue (sm_80 and
+# sm_90, 16-bit and int8 W, measured with ptxas -v; docs/KERNEL_RESOURCES.md), so with dropout B2 autotunes only
+# over configs holding at most 64 per thread; (128, 128, 64) with 8 warps is in the large lists for that case only
+# (0 spills) and is pruned everywhere else.
+DROPOUT_MAX_ACC_REGS = 64
+_DROPOUT_ONLY = {(128, 128, 8)}  # (BLOCK_M, BLOCK_N, num_warps)
+
+
+def acc_regs_per_thread(config: triton.Config) -> int:
+    """fp32 accumulator registers per thread of a GEMM config: BLOCK_M·BLOCK_N / (32·num_warps)."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+
+
+# int8 weights (IS_INT8) run their base GEMM transposed (the W tile is wgmma's register operand): with the 64x256
+# tile and 4 warps that is a [256, 64] accumulator plus the converted W tile in registers, and ptxas spilled 96 B
+# (F2, sm_90), so int8 launches do not try it.
+_INT8_EXCLUDED = {(64, 256, 4)}
+
+
+def pickable(config: triton.Config, dropout: bool, int8: bool = False) -> bool:
+    """Whether the autotuner may try ``config`` for a launch with (B2) or without dropout, with a 16-bit or an int8
+    weight (prune_configs' rule)."""
+    if int8 and (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps) in _INT8_EXCLUDED:
+        return False
+    if dropout:
+        return acc_regs_per_thread(config) <= DROPOUT_MAX_ACC_REGS
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps) not in _DROPOUT_ONLY
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Triton autotuner ``early_config_prune``: the configs ``pickable`` for this launch's HAS_DROPOUT (B2's
+    constexpr; F2 has none) and IS_INT8. A list with none pickable (the untuned DEFAULT lists) is kept whole."""
+    dropout = bool(kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT", False)))
+    int8 = bool(kwargs.get("IS_INT8", named_args.get("IS_INT8", False)))
+    return [c for c in configs if pickable(c, dropout, int8)] or configs
 
 
 def for_element_size(configs: list[triton.Config], elem_bytes: int) -> list[triton.Config]:
@@ -112,19 +154,29 @@ def for_element_size(configs: list[triton.Config], elem_bytes: int) -> list[trit
     return out
 
 
+# Test-only switch: PEFT_KERNELS_AUTOTUNE=first autotunes over each list's first config only (one compile per
+# kernel variant instead of two or three), so a correctness pass on a GPU (benchmarks/gpu_suite.sh) fits its budget.
+# Never set it for timings. Read when a list is first built (the launcher caches the autotuned kernel).
+AUTOTUNE_ENV = "PEFT_KERNELS_AUTOTUNE"
+
+
+def _maybe_first(configs: list[triton.Config]) -> list[triton.Config]:
+    return configs[:1] if os.environ.get(AUTOTUNE_ENV, "").lower() == "first" else configs
+
+
 def cuda_configs(op: str, capability: tuple[int, int] | None, elem_bytes: int, bucket: str) -> list[triton.Config]:
     """Autotune list of a GEMM-shaped op on an NVIDIA GPU of ``capability`` (major, minor); defaults otherwise."""
     if op not in GEMM_OPS:
         raise ValueError(f"{op!r} is not autotuned; expected one of {GEMM_OPS}")
     table = CUDA_GEMM_CONFIGS.get(capability[0] * 10 + capability[1] if capability else -1, DEFAULT_GEMM_CONFIGS)
-    return for_element_size(table[bucket], elem_bytes)
+    return _maybe_first(for_element_size(table[bucket], elem_bytes))
 
 
 def hip_configs(op: str, elem_bytes: int, bucket: str) -> list[triton.Config]:
     """AMD (docs/KERNELS.md §10.10): the defaults, whose 4-8 warps and <= 2**14-element blocks fit a 64-lane wavefront."""
     if op not in GEMM_OPS:
         raise ValueError(f"{op!r} is not autotuned; expected one of {GEMM_OPS}")
-    return for_element_size(DEFAULT_GEMM_CONFIGS[bucket], elem_bytes)
+    return _maybe_first(for_element_size(DEFAULT_GEMM_CONFIGS[bucket], elem_bytes))
 
 
 def _cfg(warps: int, stages: int, **blocks: int) -> triton.Config:
@@ -138,15 +190,18 @@ SHRINK_CONFIGS: dict[int, triton.Config] = {
     16: _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),  # 8 KiB of x per stage; M=8192 -> 128 CTAs before split-K
     32: _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
     64: _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),  # 64x64 fp32 accumulator = 32 registers per thread
-    128: _cfg(4, 3, BLOCK_M=32, BLOCK_K=64),
+    # 8 warps: with 4, fp32 adapters (A split hi/lo) and dropout ptxas spilled 8-16 B (sm_90, ptxas -v)
+    128: _cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
     256: _cfg(8, 3, BLOCK_M=32, BLOCK_K=32),  # A tile 32x256 per stage; 8 warps for the 32x256 accumulator
 }
 # B1 dS = s·dY·B, dB = s·dYᵀ·S: each CTA holds BLOCK_M rows of S and dS and streams its share of dY's columns.
 DYS_DYB_CONFIGS: dict[int, triton.Config] = {
     16: _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),  # dY tile 8 KiB bf16; dB partial 64x16 per step
     32: _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-    64: _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-    128: _cfg(4, 2, BLOCK_M=32, BLOCK_N=64),
+    # 8 warps from R = 64: with 4, fp32 adapters (B and S split hi/lo, two products per dY tile) spilled 72-848 B
+    # (ptxas -v, sm_80 and sm_90)
+    64: _cfg(8, 3, BLOCK_M=64, BLOCK_N=64),
+    128: _cfg(8, 2, BLOCK_M=32, BLOCK_N=64),
     256: _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),  # B tile 32x256 and S 32x256 fp32 resident
 }
 # B3 dA = dSᵀ·x̂: each CTA owns BLOCK_K columns of dA ([R, BLOCK_K] accumulator) and streams rows of x and dS.

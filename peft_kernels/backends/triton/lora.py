@@ -677,7 +677,8 @@ def _autotuned_cached(op: str, arch: object, elem_bytes: int, bucket: str):
         configs = _configs.hip_configs(op, elem_bytes, bucket)
     else:
         configs = _configs.cuda_configs(op, arch, elem_bytes, bucket)
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[op])(KERNELS[op])
+    prune = {"early_config_prune": _configs.prune_configs}  # B2 with dropout: spill-free tiles only
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[op], prune_configs_by=prune)(KERNELS[op])
 
 
 def _gemm_launcher(op: str, device: torch.device, elem_bytes: int, m: int):
