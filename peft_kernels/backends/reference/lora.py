@@ -36,6 +36,13 @@ def _keep_mask(x: torch.Tensor, p: float, seeds, index: int) -> torch.Tensor:
     return dropout_keep_mask(seeds[index], x.shape[0], x.shape[1], p, x.device)
 
 
+def _as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """m as 0/1 in ``dtype``, one conversion pass. On CPU ``t * keep`` with a bool or uint8 operand first copies
+    it to t's dtype behind the scenes (a scalar loop for bool, measured 15x slower than uint8); converting once
+    and reusing the float mask, in place, saves those hidden copies."""
+    return keep.view(torch.uint8).to(dtype)
+
+
 def not_supported_reasons(op_name: str, *args) -> list[str]:
     """The reference runs every call of its ops."""
     return []
@@ -81,7 +88,7 @@ def lora_linear_fwd(
             keep = _keep_mask(x, p, seeds, index)
             if keep_masks:
                 masks.append(keep)
-            shrink = torch.mm(torch.mul(x_cast, keep), a.t()).mul_(1.0 / (1.0 - p))
+            shrink = torch.mm(_as_float(keep, x_cast.dtype).mul_(x_cast), a.t()).mul_(1.0 / (1.0 - p))
         if shrink.dtype != acc:
             shrink = shrink.to(acc)
         saved_s.append(shrink)
@@ -147,14 +154,15 @@ def lora_linear_bwd(
         # into dx, not on M×K tensors.
         keep = next(kept) if kept is not None else _keep_mask(x, p, seeds, index)
         inv_keep = 1.0 / (1.0 - p)
+        # One float copy of m [M, K] serves both: first dx += (dS_a·A_a) ⊙ m / (1-p), then m ⊙= x in place → x̂_a.
+        keep_acc = _as_float(keep, acc)
+        if need_dx:
+            if dx.dtype == acc:
+                dx.addcmul_(torch.mm(d_shrink, a.to(acc)), keep_acc, value=inv_keep)
+            else:
+                dx = torch.addcmul(dx.to(acc), torch.mm(d_shrink, a.to(acc)), keep_acc, value=inv_keep).to(x.dtype)
         if need_adapters:
             d_lora_b.append(torch.mm(dy_acc.t(), shrink).mul_(s).to(b.dtype))  # [N, r]
-            x_acc = x if x.dtype == acc else x.to(acc)
-            d_lora_a.append(torch.mm(d_shrink.t(), torch.mul(x_acc, keep)).mul_(inv_keep).to(a.dtype))
-        if need_dx:
-            dx_lora = torch.mm(d_shrink, a.to(acc)).mul_(keep)  # [M, K]
-            if dx.dtype == acc:
-                dx.add_(dx_lora, alpha=inv_keep)
-            else:
-                dx = torch.add(dx.to(acc), dx_lora, alpha=inv_keep).to(x.dtype)
+            x_hat = keep_acc.mul_(x)  # m ⊙ x in acc (x promotes exactly)
+            d_lora_a.append(torch.mm(d_shrink.t(), x_hat).mul_(inv_keep).to(a.dtype))  # [r, K]
     return dx, d_lora_a, d_lora_b
