@@ -99,10 +99,12 @@ def lora_dropout_mask(seed: torch.Tensor | int, rows: int, cols: int, p: float, 
 # CPU tensors: the Philox spec above costs ~140 int64 passes over the M×K/4 counters (seconds per LoRA'd layer on a
 # 2-core box, measured 1.6 s at 512×768 vs 2 ms for torch.rand), which would make CPU training with dropout
 # 20× slower than PEFT. On CPU the reference therefore draws the mask from torch's CPU generator seeded with the
-# same per-call seed: same distribution, same mask in forward and backward, reproducible under
-# torch.manual_seed, but not bit-identical to the GPU kernels. PEFT_KERNELS_CPU_DROPOUT=philox (or
+# same per-call seed (15 random bits per element compared with p·2¹⁵): the same distribution (p to within 2⁻¹⁶),
+# the same mask in forward and backward, reproducible under torch.manual_seed, but not bit-identical to the GPU
+# kernels. PEFT_KERNELS_CPU_DROPOUT=philox (or
 # ``philox_on_cpu()``) restores the spec on CPU, e.g. to compare with Triton under TRITON_INTERPRET=1.
 _CPU_DROPOUT_ENV = "PEFT_KERNELS_CPU_DROPOUT"
+_CPU_BITS_RANGE = 2**15  # each element's uniform bits: [0, 2**15)
 _force_philox_on_cpu = False
 
 
@@ -131,15 +133,21 @@ def dropout_keep_mask(seed: torch.Tensor | int, rows: int, cols: int, p: float, 
     """m (bool [rows, cols]): the mask the reference backend applies to x, forward and backward.
 
     The Philox spec (``lora_dropout_mask``) on accelerators and when forced on CPU; otherwise, on CPU,
-    ``rand >= p`` from a CPU generator seeded with ``seed`` (no int64 arithmetic; see above).
+    ``bits >= round(p · 2¹⁵)`` with bits uniform on [0, 2¹⁵) from a CPU generator seeded with ``seed`` (no int64
+    arithmetic; see above): keep probability 1 - p up to 2⁻¹⁶ (p rounded to a multiple of 2⁻¹⁵).
     """
     device = torch.device(device)
     if device.type != "cpu" or _cpu_uses_philox():
         return lora_dropout_mask(seed, rows, cols, p, device=device)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)  # a CPU tensor: reading it is not a device sync
-    # rand + compare: 0.63 ms at 192×384 on the CI box, against 1.75 ms for bernoulli_ with a generator.
-    return torch.rand(rows, cols, generator=generator, dtype=torch.float32) >= p
+    # Two elements per generator word: int32 random_ gives 31 random bits, read as two int16 halves with 15 bits
+    # each (the high half's sign bit is always 0; the low half's is masked off). An int compare, no float
+    # conversion: the mask costs half the generator calls of rand + compare (the generator is serial).
+    n = rows * cols
+    words = torch.empty(((n + 1) // 2,), dtype=torch.int32).random_(generator=generator)
+    halves = words.view(torch.int16)[:n].view(rows, cols).bitwise_and_(_CPU_BITS_RANGE - 1)
+    return halves >= round(p * _CPU_BITS_RANGE)
 
 
 def dropout_scaled_mask(seed: torch.Tensor | int, rows: int, cols: int, p: float, device, dtype) -> torch.Tensor:

@@ -5,9 +5,10 @@ Format (``peft_kernels/formats.py``): ``W = (weight_int8 · weight_scale[:, None
 ``promote_types(x.dtype, float32)`` and rounded once; then exactly ``lora.py``'s forward and backward with that
 W. Neither ``weight_int8`` nor ``weight_scale`` receives a gradient.
 
-Memory traffic of this eager reference: it materializes W (an fp32 [N, K] temporary plus the x-dtype copy,
-``4NK + 2NK`` bytes written in bf16) on every call; the kernels convert int8 tiles in registers and apply the
-scale to the fp32 accumulator instead.
+Memory traffic of this eager reference: it dequantizes W on every call (forward, and again for dx), in blocks of
+at most 4 MiB of fp32 feeding slices of the GEMM (``lora._base_linear`` / ``_base_input_grad``), so a large
+weight never has a full N×K float temporary; the kernels convert int8 tiles in registers and apply the scale to
+the fp32 accumulator instead.
 """
 
 from __future__ import annotations
