@@ -45,10 +45,11 @@ STEPS=(
   "build|75|setup.py build_ext --inplace (sm_90, MAX_JOBS=16), then peft-kernels info -> build.log"
   "tests_fast|90|pytest -v, one fast correctness pass per op (FAST_TESTS), PEFT_KERNELS_AUTOTUNE=first -> tests_fast.{log,xml}"
   "bench_headline|60|peft-kernels bench --ops lora_linear --modes fwd+bwd,fwd,bwd --providers peft,triton (M=8192 K=N=4096 r=16 bf16 first) -> bench_headline.csv"
-  "tests_rest|75|pytest -m gpu -v, cheap files first, test_ops_lora last, PEFT_KERNELS_AUTOTUNE=first -> tests_rest.{log,xml}"
-  "bench_ops|75|peft-kernels bench --ops lora_linear_int8,prefix_kv, then lora_linear no-grad-fwd and the reference providers -> bench_ops.csv"
+  "tests_rest|60|pytest -m gpu -v, cheap files first, test_ops_lora last, PEFT_KERNELS_AUTOTUNE=first -> tests_rest.{log,xml}"
+  "bench_ops|60|peft-kernels bench --ops lora_linear_int8,prefix_kv, then lora_linear no-grad-fwd and the reference providers -> bench_ops.csv"
   "bench_prefix|45|benchmarks/bench_prefix.py --gpu --reps 3 (B=8, T=2048, P=32; 16/64-token decode; rows per mode) -> bench_prefix.csv"
   "bench_int8|45|benchmarks/bench_lora_int8.py --quick --modes decode (W8A16 M=1 under CUDA graphs) -> bench_lora_int8.csv"
+  "bench_mixed|30|peft-kernels bench --ops lora_linear_mixed (8 adapters, M in {8,64,512}), then bench_mixed_serving.py -> bench_mixed_*.csv"
 )
 # The fast correctness pass: per op a handful of cases (Triton LoRA: headline dtypes with dropout, decode, an awkward
 # shape; int8; the CUDA extension; prefix K/V).
@@ -88,7 +89,7 @@ if [[ "$DRY" == 1 ]]; then
   if (( total > BUDGET )); then echo "budget exceeded: $total s > $BUDGET s"; exit 1; fi
   echo "budget ok: $total s <= $BUDGET s"
   "$PY" -c "import peft_kernels, peft_kernels.cli; print('ok: peft_kernels imports', peft_kernels.__version__)" || exit 1
-  for script in benchmarks/bench_prefix.py benchmarks/bench_lora_int8.py; do
+  for script in benchmarks/bench_prefix.py benchmarks/bench_lora_int8.py benchmarks/bench_mixed_serving.py; do
     "$PY" "$script" --dry-run > "$OUT/$(basename "$script" .py)_plan.txt" || { echo "$script --dry-run failed"; exit 1; }
     echo "ok: $script --dry-run"
   done
@@ -159,5 +160,8 @@ run_step bench_ops bench_ops.log bash -c "$PY -m peft_kernels.cli bench --device
 run_step bench_prefix bench_prefix.log "$PY" benchmarks/bench_prefix.py --gpu --reps 3 --out "$OUT/bench_prefix.csv"
 run_step bench_int8 bench_lora_int8.log "$PY" benchmarks/bench_lora_int8.py --quick --modes decode \
   --out "$OUT/bench_lora_int8.csv"
+run_step bench_mixed bench_mixed.log bash -c "$PY -m peft_kernels.cli bench --device cuda --size quick \
+  --ops lora_linear_mixed --providers peft,reference,triton --no-progress --out '$OUT/bench_mixed_ops.csv' --plot '' \
+  && $PY benchmarks/bench_mixed_serving.py --device cuda --reps 3 --out '$OUT/bench_mixed_serving.csv'"
 echo "=== done with $failures failure(s) in $(( $(date +%s) - start )) s ===" | tee -a "$OUT/suite.log"
 exit "$failures"
