@@ -17,9 +17,9 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
     skip_oracle = pytest.mark.skip(reason="peft 0.21.2 (the test oracle) is not installed; pip install -e .[test]")
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
+        if item.get_closest_marker("gpu") is not None and not HAS_CUDA:
             item.add_marker(skip_gpu)
-        if "oracle" in item.keywords and not HAS_PEFT:
+        if item.get_closest_marker("oracle") is not None and not HAS_PEFT:
             item.add_marker(skip_oracle)
 
 
