@@ -23,10 +23,10 @@ Shapes: training M = 4096, K = N = 4096, r = 16 (p = 0; the full run adds p = 0.
 (``--quick``: M = 1 only, and ``+compile`` only at decode, where it matters).
 
 Timing: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` after one untimed call (autotune, compile);
-do_bench clears L2 before every call. Decode: ``do_bench_cudagraph`` (one CUDA graph of many calls, so launch
-overhead does not count, docs/KERNELS.md §12) over R copies of the weights used in turn, R chosen so that the weights
-read between two uses of one copy exceed 3x the L2 size: a 4096x4096 int8 weight (16 MiB) would otherwise stay in
-H100/H200's 50 MiB L2 and the GB/s would be L2's, not HBM's. peft-bnb with threshold > 0 cannot be captured
+do_bench clears L2 before every call. Decode: ``peft_kernels.bench.measure.cuda_graph_times`` (one CUDA graph of many
+calls, so launch overhead does not count, docs/KERNELS.md §12) over R copies of the weights used in turn, R from
+``measure.l2_cold_copies``: the weights read between two uses of one copy exceed 3x the L2 size, so the GB/s are
+HBM's, not L2's. peft-bnb with threshold > 0 cannot be captured
 (LLM.int8's ``outliers.any()`` and ``argwhere`` synchronize with the host), so it is timed with do_bench, as is
 any provider whose capture fails; the ``timer`` column says which.
 Bytes (decode): bytes_min = weight (NK int8 + 4N scale, or 2NK bf16) + x (2MK) + y (2MN) + bias (2N) + A and B
@@ -43,11 +43,9 @@ nothing is estimated or filled in.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import datetime
-import math
 import os
 import sys
 import warnings
@@ -57,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernels.bench import measure as bench_measure
+from peft_kernels.bench.providers import pinned
 
 QUANTILES = [0.5, 0.2, 0.8]  # triton.testing.do_bench's median, p20, p80
 
@@ -68,8 +67,9 @@ CSV_FIELDS = (
     "speedup_vs_peft_bnb", "rel_err", "peak_bytes",
     "gpu", "torch", "triton", "bitsandbytes", "peft_kernels", "git_sha", "timestamp", "note",
 )  # fmt: skip
-_INT8_OPS = ("lora_linear_fwd", "lora_linear_bwd")  # one op pair for every weight format
-_LORA_OPS = ("lora_linear_fwd", "lora_linear_bwd")
+# provider -> (peft_kernels.bench op, backend its ops are pinned to) for the providers that run our ops
+_PINS = {"triton": ("lora_linear_int8", "triton"), "cuda": ("lora_linear_int8", "cuda"),
+         "bf16-lora-triton": ("lora_linear", "triton")}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,25 +224,6 @@ def _compiled_gpt_fast():
     return _COMPILED[0]
 
 
-@contextlib.contextmanager
-def _pinned(provider: str):
-    """The ops of ``provider`` pinned to its backend through the priority lists (``backend=`` is a ContextVar,
-    invisible to autograd's CUDA thread)."""
-    from peft_kernels.ops import _dispatch
-
-    pins = {
-        "triton": dict.fromkeys(_INT8_OPS, ("triton",)),
-        "cuda": {"lora_linear_fwd": ("cuda",)},
-        "bf16-lora-triton": dict.fromkeys(_LORA_OPS, ("triton",)),
-    }.get(provider, {})
-    saved = {op: _dispatch.PRIORITY[op] for op in pins}
-    try:
-        _dispatch.PRIORITY.update(pins)
-        yield
-    finally:
-        _dispatch.PRIORITY.update(saved)
-
-
 def make_forward(provider: str, w: Weights, s: Shape, lora_a, lora_b, scaling: float, training: bool):
     """A callable x -> y for ``provider`` on weight copy ``w``, or NotImplementedError with the reason."""
     from peft_kernels import ops
@@ -291,11 +272,12 @@ def _truth(provider: str, w: Weights, x, lora_a, lora_b, scaling):
 
 
 def _time_decode(fn):
-    """(p50, p20, p80, timer): a CUDA graph of many calls when capturable, else do_bench."""
+    """(p50, p20, p80, timer) in ms: a CUDA graph of many calls when capturable, else do_bench."""
     import triton.testing
 
     try:
-        return (*triton.testing.do_bench_cudagraph(fn, quantiles=QUANTILES), "cudagraph")
+        seconds = bench_measure.cuda_graph_times(fn, torch.device("cuda"))
+        return (*bench_measure.quantiles([t * 1e3 for t in seconds]), "cudagraph")
     except Exception as exc:  # capture refused (host sync, allocation outside the pool): eager timing, noted
         torch.cuda.synchronize()
         reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
@@ -304,7 +286,7 @@ def _time_decode(fn):
 
 def measure(provider, mode, s, weight_copies, x, dy, lora_a, lora_b, scaling, bnb_threshold):
     """(p50, p20, p80, timer, peak bytes, rel_err) of one provider/mode."""
-    with _pinned(provider):
+    with pinned(*_PINS.get(provider, ("lora_linear_int8", None))):
         return _measure(provider, mode, s, weight_copies, x, dy, lora_a, lora_b, scaling, bnb_threshold)
 
 
@@ -356,8 +338,7 @@ def _weight_copies(s: Shape, dtype, device, threshold: float, decode: bool) -> l
     two uses of one copy (so every call reads its weight from HBM), at least 2."""
     if not decode:
         return [make_weights(s, dtype, device, threshold, seed=0)]
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-    n = max(2, math.ceil(3 * l2 / (s.N * s.K)) + 1)
+    n = bench_measure.l2_cold_copies(s.N * s.K, device)
     return [make_weights(s, dtype, device, threshold, seed=i) for i in range(n)]
 
 

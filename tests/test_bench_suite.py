@@ -115,3 +115,25 @@ def test_bench_dispatch_rows_and_the_backend_function_is_restored():
     for name in ("reference", "op", "empty work", "dispatch.run, empty work"):
         p50, p20, p80 = rows[name]
         assert 0 < p20 <= p50 <= p80 < 1e6, (name, rows[name])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_times_are_per_call_and_refuse_host_syncs():
+    """One value per replay, each a positive per-call time of a graph that calls fn several times; a function that
+    synchronizes with the host cannot be captured (the int8 benchmark then falls back to eager timing)."""
+    from peft_kernels.bench import measure
+
+    device = torch.device("cuda")
+    a = torch.randn(1024, 1024, device=device, dtype=torch.bfloat16)
+    calls = [0]
+
+    def fn():
+        calls[0] += 1
+        return a @ a
+
+    times = measure.cuda_graph_times(fn, device, reps=5)
+    assert len(times) == 5 and all(0 < t < 1 for t in times), times
+    assert calls[0] > 2 + 1 + 1, "the timed graph holds a single call"  # warm-up 2, estimate 1, then many
+    with pytest.raises(RuntimeError):
+        measure.cuda_graph_times(lambda: (a @ a).sum().item(), device, reps=1)
+    assert measure.l2_cold_copies(16 * 2**20, device) >= 2

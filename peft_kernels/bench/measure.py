@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import functools
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -70,6 +71,46 @@ def interleaved_times(
         for name in names[shift:] + names[:shift]:
             times[name].append(time_once(fns[name], device))
     return times
+
+
+def cuda_graph_times(
+    fn: Callable[[], object], device: torch.device, reps: int = 10, target_s: float = 0.05
+) -> list[float]:
+    """Seconds per call of fn, one value per replay of one CUDA graph holding many calls of fn (docs/KERNELS.md §12).
+
+    The graph holds as many calls as take about ``target_s``, so one graph launch per replay is amortised over them
+    and launch overhead does not count. Nothing flushes L2 between calls: a caller whose bytes must come from HBM
+    rotates fn over enough copies of its weights (``l2_cold_copies``); the rotation is recorded into the graph.
+    Raises what capture raises (a host synchronization, an allocation the graph cannot own): the caller falls
+    back to eager timing and says so.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture needs warmed-up calls made on a side stream
+        fn()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    single = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(single):
+        fn()
+    single.replay()
+    estimate = time_once(single.replay, device)
+    calls = max(1, min(1000, int(target_s / max(estimate, 1e-7))))
+    del single
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # untimed: first replay
+    return [time_once(graph.replay, device) / calls for _ in range(reps)]
+
+
+def l2_cold_copies(bytes_per_copy: int, device: torch.device, factor: float = 3.0) -> int:
+    """How many copies of a weight of ``bytes_per_copy`` a decode benchmark rotates through so that ``factor``
+    times the L2 size is read between two uses of one copy, i.e. every call reads its weight from HBM (at least 2).
+    A 4096x4096 int8 weight (16 MiB) would otherwise stay in an H100's 50 MiB L2."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return max(2, math.ceil(factor * l2 / bytes_per_copy) + 1)
 
 
 # ------------------------------------------------------------------------------------------------ memory

@@ -41,6 +41,25 @@ pytestmark = pytest.mark.skipif(
     reason="TRITON_INTERPRET=1 replaces kernels with interpreted functions; AOT compile needs the JIT ones",
 )
 
+
+def declared_memory_bound_configs(op: str) -> list[tuple[int, triton.Config]]:
+    """Every (R, config) ``_configs.heuristic_config`` can return for ``op``: what this test compiles."""
+    return [(rb, _configs.heuristic_config(op, rb)) for rb in _configs.RANK_BLOCKS]
+
+
+def declared_gemm_configs(op: str, capability: int) -> list[triton.Config]:
+    """Every 16-bit config a GEMM op may autotune over on ``capability`` (80, 90, or anything else -> defaults)."""
+    table = _configs.CUDA_GEMM_CONFIGS.get(capability, _configs.DEFAULT_GEMM_CONFIGS)
+    seen, out = set(), []
+    for bucket in _configs.M_BUCKETS:
+        for c in table[bucket]:
+            key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+    return out
+
+
 # Realistic launch arguments: Llama-class sizes, contiguous tensors (unit strides become constexpr 1 at runtime,
 # which is what the specialisation below mirrors), dropout on, atomics on.
 _M = _N = _K = 4096
@@ -218,14 +237,14 @@ def gated_variants() -> list[Variant]:
     out = []
     for cap in (80, 90):
         for op in _configs.GEMM_OPS:
-            for config in _configs.declared_gemm_configs(op, cap):
+            for config in declared_gemm_configs(op, cap):
                 for xd, ad in GATED_DTYPES:
                     for int8 in (False, True):
                         for dropout in (False, True) if op in _HAS_DROPOUT else (False,):
                             if _configs.pickable(config, dropout, int8):  # what the autotuner may try
                                 out.append(_variant(op, cap, xd, ad, 64, config, dropout, int8))
         for op in _configs.MEMORY_BOUND_OPS:
-            for rank_block, config in _configs.declared_memory_bound_configs(op):
+            for rank_block, config in declared_memory_bound_configs(op):
                 for xd, ad in GATED_DTYPES:
                     for dropout in (False, True) if op in _HAS_DROPOUT else (False,):
                         out.append(_variant(op, cap, xd, ad, rank_block, config, dropout))
@@ -242,7 +261,7 @@ def ci_variants() -> list[Variant]:
     out = []
     for cap in (80, 90):
         for op in _configs.GEMM_OPS:
-            for config in _configs.declared_gemm_configs(op, cap):
+            for config in declared_gemm_configs(op, cap):
                 # dropout on where the autotuner may pick this config with it (B2), else off
                 dropout = op in _HAS_DROPOUT and _configs.pickable(config, True)
                 if not _configs.pickable(config, dropout):
@@ -251,7 +270,7 @@ def ci_variants() -> list[Variant]:
                 if _configs.pickable(config, dropout, int8=True):
                     out.append(_variant(op, cap, "fp16", "fp32", 64, config, dropout, int8=True))
         for op in _configs.MEMORY_BOUND_OPS:
-            for i, (rank_block, config) in enumerate(_configs.declared_memory_bound_configs(op)):
+            for i, (rank_block, config) in enumerate(declared_memory_bound_configs(op)):
                 xd = ("bf16", "fp16")[i % 2]
                 out.append(_variant(op, cap, xd, "fp32", rank_block, config, op in _HAS_DROPOUT))
     return out + [v for v in fp32_variants() if v.cap != 80 and v.op in _configs.GEMM_OPS]
@@ -264,13 +283,13 @@ def fp32_variants() -> list[Variant]:
     out = []
     for cap in (80, 90):
         for op in _configs.GEMM_OPS:
-            for config in _configs.for_element_size(_configs.declared_gemm_configs(op, cap), 4):
+            for config in _configs.for_element_size(declared_gemm_configs(op, cap), 4):
                 out.append(_variant(op, cap, "fp32", "fp32", 64, config, op in _HAS_DROPOUT))
         for op in _configs.MEMORY_BOUND_OPS:
-            for rank_block, config in _configs.declared_memory_bound_configs(op):
+            for rank_block, config in declared_memory_bound_configs(op):
                 out.append(_variant(op, cap, "fp32", "fp32", rank_block, config, op in _HAS_DROPOUT))
     for op in _configs.GEMM_OPS:
-        for config in _configs.declared_gemm_configs(op, 86):
+        for config in declared_gemm_configs(op, 86):
             out.append(_variant(op, 86, "bf16", "fp32", 64, config, False))
     return out
 
@@ -313,7 +332,7 @@ def compile_all(variants, workers: int | None = None):
 def test_declared_lists_are_well_formed():
     for op in _configs.GEMM_OPS:
         for cap in (80, 86, 90):
-            configs = _configs.declared_gemm_configs(op, cap)
+            configs = declared_gemm_configs(op, cap)
             assert configs, (op, cap)
             for c in configs:
                 assert set(c.kwargs) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}, c

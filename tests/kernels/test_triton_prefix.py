@@ -151,6 +151,7 @@ def check_fill_bwd(tri, device, shape_id, dtype, layout):
 if not INTERPRETING:
     triton = pytest.importorskip("triton")
 
+    from peft_kernels.backends.triton import _launch
     from peft_kernels.backends.triton import prefix as tri
 
     @pytest.mark.interpret
@@ -217,7 +218,7 @@ if not INTERPRETING:
                 if value % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        options = {"num_warps": num_warps, "enable_fp_fusion": tri._FP_FUSION}
+        options = {"num_warps": num_warps, "enable_fp_fusion": _launch.FP_FUSION}
         return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
 
     # (op, rows): the fill and the gradient at P = 32; the append at decode (T = 1) and at training length.

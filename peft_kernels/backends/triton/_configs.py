@@ -228,24 +228,6 @@ def heuristic_config(op: str, rank_block_: int) -> triton.Config:
     return MEMORY_BOUND_CONFIGS[op][rank_block_]
 
 
-def declared_memory_bound_configs(op: str) -> list[tuple[int, triton.Config]]:
-    """Every (R, config) ``heuristic_config`` can return for ``op``: what the AOT test compiles."""
-    return [(rb, heuristic_config(op, rb)) for rb in RANK_BLOCKS]
-
-
-def declared_gemm_configs(op: str, capability: int) -> list[triton.Config]:
-    """Every 16-bit config a GEMM op may autotune over on ``capability`` (80, 90, or anything else -> defaults)."""
-    table = CUDA_GEMM_CONFIGS.get(capability, DEFAULT_GEMM_CONFIGS)
-    seen, out = set(), []
-    for bucket in M_BUCKETS:
-        for c in table[bucket]:
-            key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
-            if key not in seen:
-                seen.add(key)
-                out.append(c)
-    return out
-
-
 # Under TRITON_INTERPRET=1 (CPU, numpy): small tiles so that the awkward test shapes (K = 33, N = 130, M = 17) hit
 # every edge mask, and few enough programs that a test stays within seconds. Tests may swap entries to check that
 # the result (the dropout mask in particular) does not depend on the tiling.

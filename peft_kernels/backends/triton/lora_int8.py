@@ -9,8 +9,8 @@ With W_int8: (N, K) int8, w = weight_scale: (N,) fp32 (W_deq = W_int8 ⊙ w[:, N
     B2 _linear_lora_bwd_dx_kernel   dx = dY · (W_int8 ⊙ w[:, None]) + m ⊙ (dS · A)/(1-p)   IS_INT8=True
     B3 _lora_bwd_da_kernel          dA = dSᵀ · (m ⊙ x) / (1-p)                       (unchanged)
 
-These are the kernels and launchers of ``lora.py`` themselves (``lora_linear_fwd`` / ``_bwd`` with
-``weight_scale``): only F2 and B2 read the weight, and their constexpr ``IS_INT8`` branch (i) converts each int8 tile to the activation dtype in registers (exact: |W| <= 127), so no ``tl.dot`` ever
+These are the launchers of ``lora.py`` and the kernels of ``lora_kernels.py`` themselves (``lora_linear_fwd`` /
+``_bwd`` with ``weight_scale``): only F2 and B2 read the weight, and their constexpr ``IS_INT8`` branch (i) converts each int8 tile to the activation dtype in registers (exact: |W| <= 127), so no ``tl.dot`` ever
 sees int8, (ii) in F2 multiplies the fp32 base accumulator by w[n] after the K loop and adds the LoRA term after
 that (the low-rank term is never scaled), (iii) in B2, where w lies on the reduction axis, dequantizes each W tile
 in registers to exactly the reference's ``W_deq`` bits (the reasoning is at the loop). Dropout, S, dS, dA and dB

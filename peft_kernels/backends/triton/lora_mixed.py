@@ -28,20 +28,17 @@ import triton
 import triton.language as tl
 
 from . import _configs, interpreting
-from .lora import (
-    _FP_FUSION,
-    _SUPPORTED_DTYPES,
-    _capability,
-    _device_guard,
-    _device_index,
-    _dot_acc,
-    _finish_reduction,
-    _fp32_precision,
-    _num_sms,
-    _reduction_buffer,
-    _splits,
-    _tile_ids,
-)
+from ._device_helpers import _dot_acc, _tile_ids
+from ._launch import FP_FUSION as _FP_FUSION
+from ._launch import SUPPORTED_DTYPES as _SUPPORTED_DTYPES
+from ._launch import capability as _capability
+from ._launch import device_guard as _device_guard
+from ._launch import device_index as _device_index
+from ._launch import finish_reduction as _finish_reduction
+from ._launch import fp32_precision as _fp32_precision
+from ._launch import num_sms as _num_sms
+from ._launch import reduction_buffer as _reduction_buffer
+from ._launch import splits as _splits
 
 
 def _cfg(warps: int, stages: int, **blocks: int) -> triton.Config:

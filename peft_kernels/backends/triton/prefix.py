@@ -27,21 +27,17 @@ Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import _launch, interpreting
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements per tile: 2048 × 4 B = 8 KiB per loaded tile, 16 per thread at 4 warps (4-wide 16-byte vectors of fp32,
 # 8-wide of 16-bit along hd); the fill stores one loaded tile B times, the gradient keeps two fp32 accumulators.
 _TILE_ELEMENTS = 2048
 _MAX_BLOCK_D = 256
 _MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z
-_FP_FUSION = True  # pinned (docs/KERNELS.md §10.9); these kernels only copy and add, so it changes nothing
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -273,14 +269,10 @@ def _layer_stride(tensors: list[torch.Tensor]) -> int | None:
     return distance
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------------- reasons
 def _tensor_reasons(named: dict[str, torch.Tensor], dtype: torch.dtype) -> list[str]:
     reasons = []
-    if dtype not in _SUPPORTED_DTYPES:
+    if dtype not in _launch.SUPPORTED_DTYPES:
         reasons.append(f"dtype {dtype} (supported: float32, float16, bfloat16)")
     for name, t in named.items():
         if t.dtype != dtype:
@@ -345,13 +337,13 @@ def prefix_kv_fill(prefix: torch.Tensor, k_bufs: list[torch.Tensor], v_bufs: lis
         groups = [(prefix, k_bufs[0], v_bufs[0], k_stride, v_stride, n_layers)]
     else:
         groups = [(prefix[i : i + 1], k_bufs[i], v_bufs[i], 0, 0, 1) for i in range(n_layers)]
-    with _device_guard(prefix):
+    with _launch.device_guard(prefix):
         for pre, k_buf, v_buf, k_layer, v_layer, layers in groups:
             _prefix_kv_fill_kernel[_grid(layers * heads, prefix_len, head_dim, block_r, block_d)](
                 pre, k_buf, v_buf,
                 k_buf.shape[0], heads, prefix_len, head_dim,
                 *pre.stride(), k_layer, *k_buf.stride(), v_layer, *v_buf.stride(),
-                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=_FP_FUSION,
+                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
             )  # fmt: skip
 
 
@@ -364,12 +356,12 @@ def kv_append(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torc
     if batch == 0 or heads == 0 or rows == 0 or head_dim == 0:
         return
     block_r, block_d, num_warps = blocks(rows, head_dim)
-    with _device_guard(k_buf):
+    with _launch.device_guard(k_buf):
         _kv_append_kernel[_grid(batch * heads, rows, head_dim, block_r, block_d)](
             k_buf, v_buf, k, v,
             heads, rows, head_dim, int(offset),
             *k_buf.stride(), *v_buf.stride(), *k.stride(), *v.stride(),
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=_FP_FUSION,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
         )  # fmt: skip
 
 
@@ -392,12 +384,12 @@ def prefix_kv_fill_bwd(dk_bufs: list[torch.Tensor], dv_bufs: list[torch.Tensor],
         groups = [(dk_bufs[0], dv_bufs[0], out, k_stride, v_stride, n_layers)]
     else:
         groups = [(dk_bufs[i], dv_bufs[i], out[i : i + 1], 0, 0, 1) for i in range(n_layers)]
-    with _device_guard(first):
+    with _launch.device_guard(first):
         for dk, dv, dst, k_layer, v_layer, layers in groups:
             _prefix_kv_fill_bwd_kernel[_grid(layers * heads, prefix_len, head_dim, block_r, block_d)](
                 dk, dv, dst,
                 batch, heads, prefix_len, head_dim,
                 k_layer, *dk.stride(), v_layer, *dv.stride(), *dst.stride(),
-                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=_FP_FUSION,
+                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
             )  # fmt: skip
     return out
