@@ -33,6 +33,9 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     # int8 W8A16: the CUDA GEMV serves decode (M <= 16) and declines the rest; training shapes go to Triton.
     "lora_linear_int8_fwd": ("cuda", "triton", "reference"),
     "lora_linear_int8_bwd": ("triton", "cuda", "reference"),
+    # 4-bit NF4/FP4 (QLoRA): Triton decodes the codes inside the GEMM (the GEMV path for decode shapes included).
+    "lora_linear_4bit_fwd": ("triton", "reference"),
+    "lora_linear_4bit_bwd": ("triton", "reference"),
     # Prefix K/V copies and their batch reduction: plain CUDA copy kernels (16-byte vectors) first.
     "prefix_kv_fill": ("cuda", "triton", "reference"),
     "kv_append": ("cuda", "triton", "reference"),

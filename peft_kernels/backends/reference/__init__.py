@@ -10,6 +10,8 @@ _OP_MODULES = {
     "lora_linear_bwd": "lora",
     "lora_linear_int8_fwd": "lora_int8",
     "lora_linear_int8_bwd": "lora_int8",
+    "lora_linear_4bit_fwd": "lora_4bit",
+    "lora_linear_4bit_bwd": "lora_4bit",
     "prefix_kv_fill": "prefix",
     "kv_append": "prefix",
     "prefix_kv_fill_bwd": "prefix",
