@@ -19,7 +19,7 @@ def _is_int8_base(module: nn.Module) -> bool:
 
 
 class LoraModel(BaseTuner):
-    """Injects ``lora.Linear`` / ``lora.Embedding`` / ``lora.Conv2d`` (and ``lora.Linear8bitLt`` over bnb int8)."""
+    """Injects ``lora.Linear`` / ``lora.Embedding`` / ``lora.Conv2d`` (``lora.Linear8bitLt`` / ``lora.Linear4bit`` over bnb)."""
 
     prefix: str = "lora_"
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -84,13 +84,18 @@ class LoraModel(BaseTuner):
 
     @staticmethod
     def _create_new_module(config, adapter_name, target, **kwargs) -> nn.Module:
-        # Dispatch order as PEFT: bitsandbytes int8 first, then the default types.
+        # Dispatch order as PEFT: bitsandbytes int8, then bitsandbytes 4-bit, then the default types.
         if _is_int8_base(target):
             from ...layers.lora_int8 import dispatch_bnb_8bit
 
             module = dispatch_bnb_8bit(target, adapter_name, **kwargs)
             if module is not None:
                 return module
+        from ...layers.lora_4bit import dispatch_bnb_4bit
+
+        module = dispatch_bnb_4bit(target, adapter_name, **kwargs)
+        if module is not None:
+            return module
         if isinstance(target, nn.Embedding):
             return Embedding(target, adapter_name, **kwargs)
         if isinstance(target, nn.Conv2d):
