@@ -9,9 +9,9 @@ import itertools
 
 import pytest
 import torch
+from _tolerances import assert_close_to_ref, truth_dtype
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from _tolerances import assert_close_to_ref, truth_dtype
 
 from peft_kernels.backends.reference import lora_4bit as ref4
 from peft_kernels.ops import lora_linear, lora_linear_4bit, quant_operands
