@@ -14,6 +14,7 @@ import os
 _OP_MODULES: dict[str, str] = {"lora_linear_fwd": "lora", "lora_linear_bwd": "lora"}
 _OP_MODULES.update({"prefix_kv_fill": "prefix", "kv_append": "prefix", "prefix_kv_fill_bwd": "prefix"})
 _OP_MODULES.update({"lora_linear_int8_fwd": "lora_int8", "lora_linear_int8_bwd": "lora_int8"})
+_OP_MODULES.update({"lora_linear_4bit_fwd": "lora_4bit", "lora_linear_4bit_bwd": "lora_4bit"})
 
 
 def interpreting() -> bool:

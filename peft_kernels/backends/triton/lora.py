@@ -786,10 +786,12 @@ def lora_linear_bwd(
     return backward(dy, x, weight, None, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask)
 
 
-def backward(dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask):
+def backward(
+    dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask, dx_launch=None
+):
     """B1 + B2 + B3 for a float ``weight`` (weight_scale None) or an int8 one with fp32 per-row ``weight_scale``;
     shared by ``lora_linear_bwd`` and ``lora_int8.lora_linear_int8_bwd`` (arguments already checked). Only B2
-    reads the weight."""
+    reads the weight; ``dx_launch`` (lora_4bit.py) replaces B2 for a weight format of its own."""
     need_dx, need_adapters = bool(output_mask[0]), bool(output_mask[1])
     if not (need_dx or need_adapters):
         return None, [], []
@@ -823,7 +825,10 @@ def backward(dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, drop
         d_shrink = _finish_reduction(ds_buf, 2)
 
         # ---- B2: dx = dY·W + m ⊙ (dS·A)/(1-p)
-        if need_dx:
+        if need_dx and dx_launch is not None:
+            dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+            dx_launch(dy, d_shrink, a, seed, p, inv_keep, has_dropout, dx, prec, upcast)
+        elif need_dx:
             dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
             kernel = _gemm_launcher("linear_lora_bwd_dx", x.device, dy.element_size(), M)
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
