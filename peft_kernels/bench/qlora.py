@@ -47,8 +47,10 @@ class QLoraProblem(LinearProblem):
                 self.x, self.packed, self.quant_state, self.bias, self.lora_a, self.lora_b, self.scaling, p,
                 training=training,
             )  # fmt: skip
+        if provider == "cuda":
+            raise Unavailable("no CUDA C++ kernel for lora_linear_4bit (the Triton kernels serve CUDA devices)")
         if provider in BACKEND_PROVIDERS or provider == "reference+compile":
-            raise Unavailable(f"no {provider} path for lora_linear_4bit")
+            raise Unavailable(f"no {provider} formula for lora_linear_4bit")
         raise ValueError(f"unknown provider {provider!r}")
 
     def _peft(self):
@@ -63,6 +65,9 @@ class QLoraProblem(LinearProblem):
         lin.weight = bnb.nn.Params4bit(self.packed, requires_grad=False, quant_state=self.quant_state, blocksize=64,
                                        compress_statistics=True, quant_type="nf4", bnb_quantized=True, module=lin)  # fmt: skip
         lin.quant_state = self.quant_state
+        # bnb's AVX512-BF16 CPU repack (first no-grad eval forward) needs N % 32 == 0 and rewrites the shared packed
+        # weight in place: off, so every provider reads the same standard layout.
+        lin.support_avx512bf16_for_cpu = False
         lin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         base = _OneLinear(lin)
         base.is_loaded_in_4bit = True  # what transformers sets; PEFT's bnb dispatcher reads it

@@ -92,7 +92,8 @@ def _truth(inp, w_deq, scaling, acc):
 @pytest.mark.parametrize("shape_id", list(OP_SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
-def test_op_forward_and_gradients(shape_id, dtype, quant_type, nested):
+def test_op_forward_and_gradients(shape_id, dtype, quant_type, nested, monkeypatch):
+    monkeypatch.setattr(ref4, "MIN_CHUNK_ELEMENTS", 1)  # several row chunks even at these sizes
     torch.manual_seed(2)
     inp, packed, state = _op_inputs(shape_id, dtype, quant_type, nested)
     scaling = 0.75
@@ -158,7 +159,7 @@ class _PeakLiveBytes(TorchDispatchMode):
 def test_cpu_path_never_builds_the_dequantized_weight():
     """Extra peak of one forward + backward ≤ 1/8 of the dequantized weight's bytes, beyond activations."""
     torch.manual_seed(3)
-    m, k, n, r = 8, 512, 1024, 8
+    m, k, n, r = 4, 1024, 4096, 8  # N·K = 4M elements: where the 1/8 bound starts (chunk_rows' floor)
     packed, state = _quantize(torch.randn(n, k, dtype=torch.bfloat16), "nf4", nested=True)
     x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
     a = (torch.randn(r, k) * 0.01).to(torch.bfloat16).requires_grad_()

@@ -22,7 +22,8 @@ Memory: the weight is decoded in chunks of output rows (``chunk_rows``), each us
 dequantized tensor exists: the forward writes y[:, rows] per chunk, the backward accumulates dY[:, rows]·W[rows]
 into dx. A chunk costs ≈ 10 bytes per element while it lives (int32 byte indices 2, fp32 values 4, the x-dtype copy
 2-4, the fp32 copy for a 16-bit backward 4); with ``N // 64`` rows per chunk that is ≤ 1/8 of the dequantized
-weight's bytes for N ≥ 64 (measured in the tests).
+weight's bytes. Chunks hold at least 65536 elements (``chunk_rows``), so the 1/8 bound holds from N·K ≥ 4M
+elements (a 2048×2048 projection) and smaller weights cost at most ~640 KB extra (measured in the tests).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import torch
 
 from .lora import _acc_dtype, add_lora_bwd, add_lora_fwd
 
-# Rows decoded at once = max(1, N // CHUNK_DIVISOR): the peak bound of the module docstring.
+# Rows decoded at once: N // CHUNK_DIVISOR, but at least MIN_CHUNK_ELEMENTS elements (each chunk costs a few torch
+# calls, ~50 µs on CPU, so tiny chunks of small weights would cost more than the decode itself).
 CHUNK_DIVISOR = 64
+MIN_CHUNK_ELEMENTS = 1 << 16
 
 
-def chunk_rows(n_rows: int) -> int:
-    return max(1, n_rows // CHUNK_DIVISOR)
+def chunk_rows(n_rows: int, k: int) -> int:
+    return min(n_rows, max(1, n_rows // CHUNK_DIVISOR, MIN_CHUNK_ELEMENTS // max(k, 1)))
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -106,7 +109,7 @@ def _base_forward(x, quant, bias) -> torch.Tensor:
     """y = x·W_deqᵀ + b, (M, N) in x's dtype, one row chunk of W alive at a time."""
     n_rows = quant[-1][0]
     y = x.new_empty((x.shape[0], n_rows))
-    step = chunk_rows(n_rows)
+    step = chunk_rows(n_rows, quant[-1][1])
     for r0 in range(0, n_rows, step):
         r1 = min(r0 + step, n_rows)
         w = decode_4bit_rows(*quant, x.dtype, r0, r1)
@@ -120,7 +123,7 @@ def _base_backward(dy, x, quant) -> torch.Tensor:
     n_rows = quant[-1][0]
     acc = _acc_dtype(x.dtype)
     dx = torch.zeros((dy.shape[0], x.shape[1]), dtype=acc, device=dy.device)
-    step = chunk_rows(n_rows)
+    step = chunk_rows(n_rows, quant[-1][1])
     for r0 in range(0, n_rows, step):
         r1 = min(r0 + step, n_rows)
         # Rounded to x's dtype first (the forward's W_deq), then widened for the fp32 accumulation.
