@@ -403,14 +403,14 @@ def _example_args_4bit(kind: str, xd: str, ad: str) -> dict:
 
 
 def _job_4bit(job):
-    """Pool worker: (job, shared bytes or None, error text or None)."""
+    """Pool worker: (job, ptxas_resources or None, error text or None)."""
     from peft_kernels.backends.triton import lora_4bit as tri4
 
     kind, cap, xd, ad, kwargs, warps, stages = job
     config = triton.Config(dict(kwargs), num_warps=warps, num_stages=stages)
     try:
         values = {**_example_args_4bit(kind, xd, ad), **config.kwargs}
-        return job, compile_jit(tri4.KERNELS[kind], values, config, cap).metadata.shared, None
+        return job, ptxas_resources(compile_jit(tri4.KERNELS[kind], values, config, cap), cap), None
     except Exception as exc:  # every failure is reported, not just the first
         return job, None, f"{type(exc).__name__}: {str(exc)[:400]}"
 
@@ -435,7 +435,9 @@ def jobs_4bit() -> list[tuple]:
     return jobs
 
 
-def test_qlora_kernels_compile_and_fit_shared_memory():
+def test_qlora_kernels_compile_no_spill_and_fit_shared_memory():
+    """The gate of ``test_no_spill_and_shared_memory_fits`` on the QLoRA kernels: each compiles; no ptxas spill
+    for 16-bit models; shared memory within the architecture's limit."""
     jobs = jobs_4bit()
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
@@ -443,11 +445,17 @@ def test_qlora_kernels_compile_and_fit_shared_memory():
     ) as pool:
         results = list(pool.map(_job_4bit, jobs))
     failures = []
-    for job, shared, error in results:
+    for job, res, error in results:
         kind, cap, xd, ad, kwargs, warps, stages = job
         label = f"4bit {kind} sm_{cap} x={xd} adapters={ad} {dict(kwargs)} w{warps} s{stages}"
         if error is not None:
             failures.append(f"{label}: compile failed: {error}")
-        elif shared > _configs.SHARED_MEMORY_LIMIT[cap]:
-            failures.append(f"{label}: shared memory {shared} B > limit {_configs.SHARED_MEMORY_LIMIT[cap]} B")
-    assert not failures, f"{len(failures)} of {len(jobs)} compiles failed:\n" + "\n".join(failures)
+            continue
+        if xd != "fp32" and (res["spill_stores"] or res["spill_loads"]):
+            failures.append(
+                f"{label}: ptxas spills {res['spill_stores']} B stored / {res['spill_loads']} B loaded "
+                f"({res['regs']} registers, {res['stack']} B stack)"
+            )
+        if res["shared"] > _configs.SHARED_MEMORY_LIMIT[cap]:
+            failures.append(f"{label}: shared memory {res['shared']} B > limit {_configs.SHARED_MEMORY_LIMIT[cap]} B")
+    assert not failures, f"{len(failures)} problems in {len(jobs)} compiles:\n" + "\n".join(failures)

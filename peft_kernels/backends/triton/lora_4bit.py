@@ -104,8 +104,9 @@ def _linear_lora_4bit_fwd_kernel(
     cols = (offs_n % N).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _lora_term(
-        acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br, LORA_CHUNK, PREC, UPCAST
-    )
+        acc, s_ptr, b_ptr, rows, cols, r, scaling, stride_sm, stride_sr, stride_bn, stride_br, LORA_CHUNK,
+        x_ptr.dtype.element_ty, PREC, UPCAST,
+    )  # fmt: skip
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
