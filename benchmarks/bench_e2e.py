@@ -2,14 +2,16 @@
 activation bytes kept for backward, and greedy decode tokens/s.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--steps 10] [--decode-reps 5] [--out rows.csv]
-        [--methods lora,lora_patch_peft,lora_int8,prefix]
+        [--methods lora,lora_patch_peft,lora_int8,qlora,prefix]
 
 Model: LlamaConfig(hidden 256, 4 layers, 8 heads, 2 KV heads, intermediate 688, vocab 512) on CPU; a 1B-class
 config (hidden 2048, 16 layers, 32/8 heads) on CUDA. Random weights from a fixed seed; both libraries get the same
 base weights and the same adapter weights (copied), batch (B, T) = (4, 128) on CPU, (8, 1024) on CUDA.
 Methods: LoRA r=16 on q,k,v,o,gate,up,down with dropout 0.05; lora_patch_peft: the same LoRA built by plain
-``peft.get_peft_model`` after ``peft_kernels.patch_peft()`` (provider "patch_peft()") vs unpatched peft; int8 LoRA (bitsandbytes load_in_8bit for PEFT and us —
-the same CB/SCB weights; CPU only if bitsandbytes imports); prefix tuning with 32 virtual tokens.
+``peft.get_peft_model`` after ``peft_kernels.patch_peft()`` (provider "patch_peft()") vs unpatched peft; int8 LoRA
+(bitsandbytes load_in_8bit for PEFT and us — the same CB/SCB weights; CPU only if bitsandbytes imports); QLoRA (the
+same LoRA over bitsandbytes load_in_4bit NF4 with double quantization, compute dtype = the run's dtype, bnb's CPU
+inference repack off for both); prefix tuning with 32 virtual tokens.
 A training step is forward + backward + AdamW step + zero_grad. Timing (``peft_kernels.bench.measure``): the two
 libraries alternate step by step (interleaved), medians with p20/p80 over --steps steps after 2 warm-up steps;
 decode (before any training step, on equal weights): a 16-token prompt, exactly --decode-tokens new tokens, --decode-reps interleaved runs (tokens/s at the
@@ -81,16 +83,25 @@ def build_pair(method, device, dtype):
     import peft_kernels as pk
 
     base = llama(device).to(dtype)
-    if method == "lora_int8":
+    if method in ("lora_int8", "qlora"):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         path = tempfile.mkdtemp(prefix="bench-e2e-")
         base.save_pretrained(path)
+        if method == "lora_int8":
+            quantization = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)  # fmt: skip
 
         def load():
-            return AutoModelForCausalLM.from_pretrained(
-                path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map=device
-            )
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map=device)
+            for module in model.modules():
+                # bnb's AVX512-BF16 CPU repack on the first no-grad forward changes PEFT's base layout mid-run
+                # (and its forward on that layout disagrees with the dequantized product on this CPU): off for both.
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
+            return model
 
         theirs_base, ours_base = load(), load()
     else:
@@ -107,7 +118,12 @@ def build_pair(method, device, dtype):
                 pk.unpatch_peft()
         else:
             ours = pk.get_peft_model(ours_base, config_for(pk, method))
-    ours.load_state_dict(theirs.state_dict())
+    state = theirs.state_dict()
+    if method == "qlora":
+        # bnb's Linear4bit saves its quant state under weight.* keys but cannot load them back (both libraries
+        # alike); the base weights are identical already (same checkpoint, deterministic quantization).
+        state = {k: v for k, v in state.items() if "lora_" in k}
+    ours.load_state_dict(state, strict=method != "qlora")
     return {"peft": theirs, "patch_peft()" if method == "lora_patch_peft" else "peft_kernels": ours}
 
 
@@ -198,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--decode-reps", type=int, default=5)
-    parser.add_argument("--methods", default="lora,lora_patch_peft,lora_int8,prefix")
+    parser.add_argument("--methods", default="lora,lora_patch_peft,lora_int8,qlora,prefix")
     parser.add_argument("--out", default=None)
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
@@ -211,11 +227,11 @@ def main(argv=None):
         return 0
     all_rows = []
     for method in methods:
-        if method == "lora_int8":
+        if method in ("lora_int8", "qlora"):
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError as exc:
-                print(f"skipping lora_int8: bitsandbytes unavailable ({exc})")
+                print(f"skipping {method}: bitsandbytes unavailable ({exc})")
                 continue
         with contextlib.redirect_stderr(open(os.devnull, "w")):
             rows = run_method(method, args.device, args.steps, args.decode_tokens, args.decode_reps)

@@ -19,6 +19,7 @@ EXAMPLES = [
     ("semantic_segmentation_lora.py", [], None, ["identical predictions: True", "merged model matches: True"]),
     ("token_classification_lora.py", [], None, ["identical predictions: True", "merged model matches: True"]),
     ("whisper_int8_lora.py", [], "bitsandbytes", ["identical predictions: True"]),
+    ("qlora_llama.py", [], "bitsandbytes", ["identical predictions: True", "merged model matches: True"]),
     (
         "dreambooth_lora.py",
         ["--lora-convs"],  # the UNet's conv layers too: lora.Conv2d on both the eager and the 1×1 fused path

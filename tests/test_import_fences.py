@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "peft_kernels")
-PEFT_COMPARING_TOOLS = {"bench/providers.py", "demo.py"}
+PEFT_COMPARING_TOOLS = {"bench/providers.py", "bench/qlora.py", "demo.py"}
 
 
 def _python_files():

@@ -26,6 +26,10 @@ import torch
 # ``keep_masks``: the caller can afford one byte per element of x to keep dropout masks for the backward (CPU,
 # where regenerating them costs more than the low-rank update); a backend that keeps them returns them after the
 # S_a in the second output (one bool (M, K) per adapter with p > 0), and the backward finds them in ``saved_s``.
+_QUANT_4BIT = (
+    "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, Tensor code, "
+    "int blocksize, int nested_blocksize, int[] shape"
+)
 SCHEMAS = {
     "lora_linear_fwd": "(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, "
     "Tensor?[] lora_b_bias, float[] scaling, float[] dropout_p, Tensor? seeds, Tensor? weight_scale=None, "
@@ -35,6 +39,14 @@ SCHEMAS = {
     "-> (Tensor?, Tensor[], Tensor[])",
     "lora_linear_mixed": "(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, "
     "Tensor?[] lora_b_bias, float[] scaling, Tensor row_adapter) -> Tensor",
+    # 4-bit NF4/FP4 base (bitsandbytes quantize_4bit; format stated in backends/reference/lora_4bit.py): only
+    # tensors and scalars, so bitsandbytes is needed only to make the weights.
+    "lora_linear_4bit_fwd": f"(Tensor x, {_QUANT_4BIT}, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, "
+    "Tensor?[] lora_b_bias, float[] scaling, float[] dropout_p, Tensor? seeds, bool keep_masks=False) "
+    "-> (Tensor, Tensor[])",
+    "lora_linear_4bit_bwd": f"(Tensor dy, Tensor x, {_QUANT_4BIT}, Tensor[] lora_a, Tensor[] lora_b, "
+    "Tensor[] saved_s, float[] scaling, float[] dropout_p, Tensor? seeds, bool[] output_mask) "
+    "-> (Tensor?, Tensor[], Tensor[])",
     # Mutated buffers are declared (Tensor(a!)); the two lists get distinct alias sets because a layer's K and V
     # buffers never alias.
     "prefix_kv_fill": "(Tensor prefix, Tensor(a!)[] k_bufs, Tensor(b!)[] v_bufs) -> ()",

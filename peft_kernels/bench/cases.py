@@ -4,6 +4,7 @@ Ops and modes::
 
     lora_linear       y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ        fwd | bwd | fwd+bwd | no-grad-fwd
     lora_linear_int8  the same over W = W_int8·scale[:, None]   fwd | bwd | fwd+bwd | no-grad-fwd
+    lora_linear_4bit  the same over a bnb NF4 W (nested scales)  fwd | bwd | fwd+bwd | no-grad-fwd
     prefix_kv         prefix encoder → per-layer K/V caches     fwd | fwd+bwd | decode
                       holding the prefix and T new tokens
     lora_linear_mixed a batch mixed over 8 adapters              no-grad-fwd   (bench/mixed.py)
@@ -14,7 +15,8 @@ training step of the layer, ``no-grad-fwd`` is inference (dropout off). Decode-s
 
 FLOPs (linear, W frozen: no dW): forward 2MNK + 2Mr(K+N); backward 2MNK (dx) + 4Mr(K+N) (dS, dB, dA, dx term).
 Minimal bytes (what a perfect kernel must move; the GB/s column divides these by the median time):
-    linear forward: x (MK) + y (MN) in the activation dtype, W (NK, or NK + 4N int8 + scales), A and B r(K+N) in
+    linear forward: x (MK) + y (MN) in the activation dtype, W (NK, or NK + 4N int8 + scales, or NK/2 + NK/64
+    4-bit codes + nested scales), A and B r(K+N) in
     the adapter dtype; backward adds dy (MN), x again, dx (MK).
     prefix_kv: the cache writes L·2·B·Hkv·(P+T)·hd (fwd), one row per layer for decode, reads of the prefix and of
     the new K/V; backward adds the batch reduction (reads L·2·B·Hkv·P·hd, writes the prefix gradient).
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
-OPS = ("lora_linear", "lora_linear_int8", "prefix_kv", "lora_linear_mixed")
+OPS = ("lora_linear", "lora_linear_int8", "lora_linear_4bit", "prefix_kv", "lora_linear_mixed")
 LINEAR_MODES = ("fwd", "bwd", "fwd+bwd", "no-grad-fwd")
 PREFIX_MODES = ("fwd", "fwd+bwd", "decode")
 DECODE_TOKENS_MAX = 16
@@ -99,7 +101,11 @@ class Case:
         """Bytes one call must move at least (see the module docstring)."""
         s = self.shape
         if isinstance(s, LinearShape):
-            weight = s.N * s.K + 4 * s.N if self.op == "lora_linear_int8" else s.N * s.K * act_bytes
+            weight = s.N * s.K * act_bytes
+            if self.op == "lora_linear_int8":
+                weight = s.N * s.K + 4 * s.N
+            elif self.op == "lora_linear_4bit":
+                weight = s.N * s.K // 2 + s.N * s.K // 64  # codes + one uint8 nested scale per 64-element block
             adapters = s.r * (s.K + s.N) * adapter_bytes * getattr(s, "adapters", 1)  # bench/mixed.py: n adapters
             fwd = (s.M * s.K + s.M * s.N) * act_bytes + weight + adapters
             bwd = (s.M * s.N + 2 * s.M * s.K) * act_bytes + weight + 2 * adapters
@@ -188,6 +194,8 @@ def select_cases(device_type: str, size: str, ops=OPS, modes=None) -> list[Case]
         cases += _linear_cases("lora_linear", lora)
     if "lora_linear_int8" in ops:
         cases += _linear_cases("lora_linear_int8", int8)
+    if "lora_linear_4bit" in ops:
+        cases += _linear_cases("lora_linear_4bit", int8)  # the int8 rows' shapes
     if "prefix_kv" in ops:
         cases += _prefix_cases(prefix)
     if "lora_linear_mixed" in ops:

@@ -34,6 +34,7 @@ BACKEND_PROVIDERS = ("reference", "triton", "cuda")
 _OPS_OF = {
     "lora_linear": ("lora_linear_fwd", "lora_linear_bwd"),
     "lora_linear_int8": ("lora_linear_fwd", "lora_linear_bwd"),  # one op pair for every weight format
+    "lora_linear_4bit": ("lora_linear_4bit_fwd", "lora_linear_4bit_bwd"),
     "prefix_kv": ("prefix_kv_fill", "kv_append", "prefix_kv_fill_bwd"),
     "lora_linear_mixed": ("lora_linear_mixed",),
 }
@@ -364,6 +365,10 @@ def build_problem(case: Case, device: torch.device) -> Problem:
         from .mixed import MixedProblem
 
         return MixedProblem(case, device)
+    if case.op == "lora_linear_4bit":
+        from .qlora import QLoraProblem
+
+        return QLoraProblem(case, device)
     return LinearProblem(case, device)
 
 

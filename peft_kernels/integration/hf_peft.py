@@ -5,7 +5,7 @@ importing this module never needs peft.
 
 ``patch_peft_model(model)``
     Every PEFT LoRA layer of ``model`` that peft_kernels implements (``lora.Linear`` over Linear or Conv1D,
-    ``lora.Embedding``, ``lora.Conv2d``, ``lora.bnb.Linear8bitLt``) becomes peft_kernels' layer *in place*: the
+    ``lora.Embedding``, ``lora.Conv2d``, ``lora.bnb.Linear8bitLt``, ``lora.bnb.Linear4bit``) becomes peft_kernels' layer *in place*: the
     module object stays and only its class changes (to a subclass of both ours and PEFT's class, ours first in
     the MRO). Parameters, buffers, hooks, optimizer state and outside references are untouched, so a PEFT
     training script calls it once after ``get_peft_model`` (before or after creating the optimizer) and its
@@ -106,15 +106,15 @@ def _patched_classes() -> dict[type, type]:
     try:
         from peft.tuners.lora import bnb as peft_bnb
 
+        from ..layers.lora_4bit import Linear4bit
         from ..layers.lora_int8 import Linear8bitLt
     except ImportError:
-        # No bitsandbytes (PEFT then defines no Linear8bitLt) or no int8 layer: nothing of that kind to patch.
+        # No bitsandbytes (PEFT then defines no Linear8bitLt / Linear4bit) or no quantized layer: nothing to patch.
         peft_bnb = None
     if peft_bnb is not None and hasattr(peft_bnb, "Linear8bitLt"):
         pairs[peft_bnb.Linear8bitLt] = Linear8bitLt
-    # >>> 4-bit LoRA plugs in here: when peft_kernels has a LoRA layer over bitsandbytes Linear4bit (running
-    # ops.lora_linear_4bit), add `pairs[peft_bnb.Linear4bit] = <that layer class>`. Until then PEFT's
-    # lora.bnb.Linear4bit keeps its own forward (patch_peft logs it as "no peft_kernels layer").
+    if peft_bnb is not None and hasattr(peft_bnb, "Linear4bit"):
+        pairs[peft_bnb.Linear4bit] = Linear4bit  # runs ops.lora_linear_4bit
     classes = {}
     for theirs, ours in pairs.items():
         patched = _make_patched_class(ours, theirs)
@@ -159,11 +159,14 @@ def fuse_layer(module: nn.Module) -> str | None:
     module.__class__ = patched_cls
     if "_scale_cache" not in module.__dict__ and hasattr(patched_cls, "int8_weight"):
         module._scale_cache = None  # Linear8bitLt's per-SCB cache of SCB/127
+    if "_cpu_layout_cache" not in module.__dict__ and hasattr(patched_cls, "quant_weight"):
+        module._cpu_layout_cache = None  # Linear4bit's cache of bnb's CPU repack, unpacked
     return None
 
 
 def patch_peft_model(model: nn.Module) -> nn.Module:
-    """Moves every PEFT LoRA layer of ``model`` (Linear, Conv1D, Embedding, Conv2d, Linear8bitLt) onto peft_kernels.
+    """Moves every PEFT LoRA layer of ``model`` (Linear, Conv1D, Embedding, Conv2d, Linear8bitLt, Linear4bit) onto
+    peft_kernels.
 
     ``model`` is a ``peft.PeftModel`` or any module holding PEFT LoRA layers (``inject_adapter_in_model``,
     transformers' ``add_adapter``). Only the layers' classes change (see the module docstring), so calling it
@@ -204,6 +207,7 @@ def unpatch_peft_model(model: nn.Module) -> nn.Module:
         if original is not None:
             module.__class__ = original
             module.__dict__.pop("_scale_cache", None)
+            module.__dict__.pop("_cpu_layout_cache", None)
     return model
 
 

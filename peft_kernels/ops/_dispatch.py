@@ -42,6 +42,9 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     "lora_linear_bwd": ("triton", "reference"),
     # Mixed-adapter batches (adapter_names=): one fused Triton kernel pair; forward only.
     "lora_linear_mixed": ("triton", "reference"),
+    # 4-bit NF4/FP4 (QLoRA): Triton decodes the codes inside the GEMM (its GEMV path serves decode shapes).
+    "lora_linear_4bit_fwd": ("triton", "reference"),
+    "lora_linear_4bit_bwd": ("triton", "reference"),
     "prefix_kv_fill": ("cuda", "triton", "reference"),
     "kv_append": ("cuda", "triton", "reference"),
     "prefix_kv_fill_bwd": ("cuda", "triton", "reference"),

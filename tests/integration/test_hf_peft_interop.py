@@ -171,6 +171,43 @@ def test_patch_bnb_int8(tmp_path, monkeypatch):
     assert all(type(m) is peft.tuners.lora.bnb.Linear8bitLt for m in lora_layers(model))
 
 
+def test_patch_bnb_4bit(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    make_model("opt")[0].save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
+    inputs = make_inputs("opt")
+    want = logits_of(model(**inputs))
+    pk.patch_peft_model(model)
+    layers = lora_layers(model)
+    assert layers and all(hf_peft.is_patched(m) and type(m).__name__ == "Linear4bit" for m in layers)
+    calls = []
+    real = ops.lora_linear_4bit_multi
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "lora_linear_4bit_multi", counting)
+    got = logits_of(model(**inputs))
+    assert len(calls) == len(layers)
+    # Both decode bnb's weight bit for bit and compute in fp32: only the summation order differs.
+    assert_close(got, want, FP32_SAME_MATH, "patched 4-bit vs PEFT+bnb")
+    got.sum().backward()
+    assert all(m.lora_A["default"].weight.grad is not None for m in layers)
+    pk.unpatch_peft_model(model)
+    assert all(type(m) is peft.tuners.lora.bnb.Linear4bit for m in lora_layers(model))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "bert"])  # CAUSAL_LM; SEQ_CLS with its modules_to_save head
 def test_convert_both_ways_shares_parameters(family):
     inputs = make_inputs(family)

@@ -123,6 +123,12 @@ def compile_kernel(
     }
     if "HAS_DROPOUT" in values:
         values["HAS_DROPOUT"] = dropout
+    return compile_jit(kernel, values, config, cap)
+
+
+def compile_jit(kernel, values: dict, config: triton.Config, cap: int):
+    """triton.compile of a JIT kernel for sm_<cap> with ``values`` for every parameter, specialised as the runtime
+    would (integers equal to 1 become constants, pointers and multiples of 16 get divisibility 16)."""
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(kernel.params):
         v = values[param.name]
@@ -390,3 +396,96 @@ def test_no_spill_and_shared_memory_fits():
     assert not failures, f"{len(failures)} problems in {len(variants)} compiles ({elapsed:.0f} s):\n" + "\n".join(
         failures
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QLoRA kernels (backends/triton/lora_4bit.py): every kernel × declared config for sm_80 and sm_90 (bf16, nested
+# scales, dropout on: the largest variant), and each kernel in fp16 with fp32 adapters and in fp32 with its first
+# config. F1, B1 and B3 are lora.py's, compiled above.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _example_args_4bit(kind: str, xd: str, ad: str) -> dict:
+    r = 16
+    quant = dict(p_ptr="*u8", code_ptr="*fp32", absmax_ptr="*u8", nabs_ptr="*fp32", ncode_ptr="*fp32",
+                 offset_ptr="*fp32", blocksize=64, nested_blocksize=256, NESTED=True)  # fmt: skip
+    if kind == "fwd":
+        return dict(
+            x_ptr=f"*{xd}", **quant, bias_ptr=f"*{xd}", s_ptr="*fp32", b_ptr=f"*{ad}", bb_ptr=f"*{ad}",
+            y_ptr=f"*{xd}", M=_M, N=_N, K=_K, r=r, scaling=2.0, stride_xm=_K, stride_xk=1, stride_sm=r,
+            stride_sr=1, stride_bn=r, stride_br=1, stride_ym=_N, stride_yn=1, LORA_CHUNK=_configs.LORA_CHUNK,
+            HAS_BIAS=True, HAS_LORA_BIAS=True, PREC="tf32x3", UPCAST=False,
+        )  # fmt: skip
+    if kind == "gemv":
+        return dict(
+            x_ptr=f"*{xd}", **quant, bias_ptr=f"*{xd}", s_ptr="*fp32", b_ptr=f"*{ad}", bb_ptr=f"*{ad}",
+            y_ptr=f"*{xd}", N=_N, K=_K, r=r, scaling=2.0, stride_xm=_K, stride_xk=1, stride_sm=r, stride_sr=1,
+            stride_bn=r, stride_br=1, stride_ym=_N, stride_yn=1, HAS_BIAS=True, HAS_LORA_BIAS=True,
+        )  # fmt: skip
+    if kind == "bwd_dx":
+        return dict(
+            dy_ptr=f"*{xd}", **quant, ds_ptr="*fp32", a_ptr=f"*{ad}", seed_ptr="*i64",
+            dx_ptr=f"*{xd}", M=_M, N=_N, K=_K, r=r, p=0.1, inv_keep=1 / 0.9, stride_dym=_N, stride_dyn=1,
+            stride_dsm=r, stride_dsr=1, stride_ar=_K, stride_ak=1, stride_dxm=_K, stride_dxk=1,
+            LORA_CHUNK=_configs.LORA_CHUNK, HAS_DROPOUT=True, PREC="tf32x3", UPCAST=False,
+        )  # fmt: skip
+    raise KeyError(kind)
+
+
+def _job_4bit(job):
+    """Pool worker: (job, ptxas_resources or None, error text or None)."""
+    from peft_kernels.backends.triton import lora_4bit as tri4
+
+    kind, cap, xd, ad, kwargs, warps, stages = job
+    config = triton.Config(dict(kwargs), num_warps=warps, num_stages=stages)
+    try:
+        values = {**_example_args_4bit(kind, xd, ad), **config.kwargs}
+        return job, ptxas_resources(compile_jit(tri4.KERNELS[kind], values, config, cap), cap), None
+    except Exception as exc:  # every failure is reported, not just the first
+        return job, None, f"{type(exc).__name__}: {str(exc)[:400]}"
+
+
+def jobs_4bit() -> list[tuple]:
+    from peft_kernels.backends.triton import lora_4bit as tri4
+
+    jobs = []
+    for kind, configs in tri4.CONFIGS.items():
+        for cap in (80, 90):
+            for config in configs:
+                jobs.append((kind, cap, "bf16", "bf16", tuple(sorted(config.kwargs.items())), config.num_warps,
+                             config.num_stages))  # fmt: skip
+        # One dtype variant per kernel (each compile costs seconds on the 2-core CI box): fp32 on sm_80 for the
+        # forward, 16-bit activations with fp32 adapters (split-operand dots) on sm_90 for the others.
+        for cap, xd, ad in [(80, "fp32", "fp32")] if kind == "fwd" else [(90, "fp16", "fp32")]:
+            config = configs[0]
+            if xd == "fp32" and "BLOCK_M" in config.kwargs:  # fp32 operands: half the reduction tile (_configs)
+                config = _configs.for_element_size([config], 4)[0]
+            jobs.append((kind, cap, xd, ad, tuple(sorted(config.kwargs.items())), config.num_warps,
+                         config.num_stages))  # fmt: skip
+    return jobs
+
+
+def test_qlora_kernels_compile_no_spill_and_fit_shared_memory():
+    """The gate of ``test_no_spill_and_shared_memory_fits`` on the QLoRA kernels: each compiles; no ptxas spill
+    for 16-bit models; shared memory within the architecture's limit."""
+    jobs = jobs_4bit()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=max(1, min(4, os.cpu_count() or 1)), mp_context=ctx
+    ) as pool:
+        results = list(pool.map(_job_4bit, jobs))
+    failures = []
+    for job, res, error in results:
+        kind, cap, xd, ad, kwargs, warps, stages = job
+        label = f"4bit {kind} sm_{cap} x={xd} adapters={ad} {dict(kwargs)} w{warps} s{stages}"
+        if error is not None:
+            failures.append(f"{label}: compile failed: {error}")
+            continue
+        if xd != "fp32" and (res["spill_stores"] or res["spill_loads"]):
+            failures.append(
+                f"{label}: ptxas spills {res['spill_stores']} B stored / {res['spill_loads']} B loaded "
+                f"({res['regs']} registers, {res['stack']} B stack)"
+            )
+        if res["shared"] > _configs.SHARED_MEMORY_LIMIT[cap]:
+            failures.append(f"{label}: shared memory {res['shared']} B > limit {_configs.SHARED_MEMORY_LIMIT[cap]} B")
+    assert not failures, f"{len(failures)} problems in {len(jobs)} compiles:\n" + "\n".join(failures)

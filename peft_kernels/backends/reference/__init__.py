@@ -7,6 +7,8 @@ IMPLEMENTATIONS = {
     "lora_linear_fwd": "lora",
     "lora_linear_bwd": "lora",
     "lora_linear_mixed": "lora_mixed",
+    "lora_linear_4bit_fwd": "lora_4bit",
+    "lora_linear_4bit_bwd": "lora_4bit",
     "prefix_kv_fill": "prefix",
     "kv_append": "prefix",
     "prefix_kv_fill_bwd": "prefix",

@@ -124,6 +124,22 @@ def lora_linear_fwd(
     Accumulates in promote_types(dtype, float32); y has x's dtype, S_a has acc_a.
     """
     y = _base_linear(x, weight, weight_scale, bias)
+    return add_lora_fwd(y, x, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, keep_masks)
+
+
+def add_lora_fwd(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    lora_b_bias: list[torch.Tensor | None],
+    scaling: list[float],
+    dropout_p: list[float],
+    seeds: torch.Tensor | None,
+    keep_masks: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(y + Σ_a s_a·(x̂_a·A_aᵀ·B_aᵀ + b_Ba), [S_a] + kept masks) for a base output y (M, N): the LoRA half of
+    the forward, shared with the 4-bit reference (updates y in place when the dtypes allow)."""
     saved_s, masks = [], []
     for index, (a, b, b_bias, s, p) in enumerate(zip(lora_a, lora_b, lora_b_bias, scaling, dropout_p)):
         acc = _acc_dtype(a.dtype)
@@ -177,10 +193,28 @@ def lora_linear_bwd(
     dx has x's dtype; dA_a, dB_a the dtypes of A_a, B_a.
     """
     need_dx, need_adapters = output_mask
+    dx = _base_input_grad(dy, weight, weight_scale, x.dtype) if need_dx else None
+    return add_lora_bwd(dx, dy, x, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, need_adapters)
+
+
+def add_lora_bwd(
+    dx: torch.Tensor | None,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    saved_s: list[torch.Tensor],
+    scaling: list[float],
+    dropout_p: list[float],
+    seeds: torch.Tensor | None,
+    need_adapters: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+    """(dx + Σ_a m_a ⊙ (dS_a·A_a)/(1-p_a), [dA_a], [dB_a]) for the base part dx = dY·W (M, K), or None when dx is
+    not needed: the LoRA half of the backward, shared with the 4-bit reference. ``saved_s`` as the forward's."""
+    need_dx = dx is not None
     n = len(lora_a)
     kept = iter(saved_s[n:]) if len(saved_s) > n else None
     saved_s = saved_s[:n]
-    dx = _base_input_grad(dy, weight, weight_scale, x.dtype) if need_dx else None
     d_lora_a, d_lora_b = [], []
     for index, (a, b, shrink, s, p) in enumerate(zip(lora_a, lora_b, saved_s, scaling, dropout_p)):
         acc = _acc_dtype(a.dtype)

@@ -17,6 +17,8 @@ IMPLEMENTATIONS = {
     "kv_append": "prefix",
     "prefix_kv_fill_bwd": "prefix",
     "lora_linear_mixed": "lora_mixed",
+    "lora_linear_4bit_fwd": "lora_4bit",
+    "lora_linear_4bit_bwd": "lora_4bit",
 }
 
 

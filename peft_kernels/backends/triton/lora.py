@@ -136,6 +136,14 @@ def lora_linear_bwd(
     Kernels: B1 (dS, and dB when needed), then B2 (dx; the only one that reads the weight) and B3 (dA). dx in x's
     dtype; dA, dB in the adapters'. Not checked again here (see the forward).
     """
+    return backward(dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask)
+
+
+def backward(
+    dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask, dx_launch=None
+):
+    """The body of ``lora_linear_bwd``: B1 + B2 + B3. Only B2 reads the weight; ``dx_launch`` (lora_4bit.py)
+    replaces B2 for a weight format of its own (arguments already checked by the caller's capability check)."""
     need_dx, need_adapters = bool(output_mask[0]), bool(output_mask[1])
     if not (need_dx or need_adapters):
         return None, [], []
@@ -175,7 +183,10 @@ def lora_linear_bwd(
         d_shrink = _launch.finish_reduction(ds_buf, 2)
 
         # ---- B2: dx = dY·W + m ⊙ (dS·A)/(1-p)
-        if need_dx:
+        if need_dx and dx_launch is not None:
+            dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+            dx_launch(dy, d_shrink, a, seed, p, inv_keep, has_dropout, dx, prec, upcast)
+        elif need_dx:
             dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
             kernel = _gemm_launcher("linear_lora_bwd_dx", x.device, dy.element_size(), M)
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)

@@ -47,7 +47,8 @@ def _custom_lora_class(config, base: nn.Module):
 
 class LoraModel(BaseTuner):
     """Injects ``lora.Linear`` / ``Embedding`` / ``Conv1d|2d|3d`` / ``MultiheadAttention`` (``Linear8bitLt`` over
-    bnb int8, and the classes registered with ``LoraConfig._register_custom_module``)."""
+    bnb int8, ``Linear4bit`` over bnb 4-bit, and the classes registered with ``LoraConfig._register_custom_module``).
+    """
 
     prefix: str = "lora_"
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -115,7 +116,7 @@ class LoraModel(BaseTuner):
 
     @staticmethod
     def _create_new_module(config, adapter_name, target, **kwargs) -> nn.Module:
-        # Dispatch order as PEFT: registered custom types, then bitsandbytes int8, then the default types.
+        # Dispatch order as PEFT: registered custom types, then bitsandbytes int8, then 4-bit, then the default types.
         custom_cls = _custom_lora_class(config, target)
         if custom_cls is not None:
             # PEFT's call: the LoRA class gets the config too (ours take the settings as keywords as well).
@@ -126,6 +127,11 @@ class LoraModel(BaseTuner):
             module = dispatch_bnb_8bit(target, adapter_name, **kwargs)
             if module is not None:
                 return module
+        from ...layers.lora_4bit import dispatch_bnb_4bit
+
+        module = dispatch_bnb_4bit(target, adapter_name, **kwargs)
+        if module is not None:
+            return module
         if isinstance(target, nn.Embedding):
             return Embedding(target, adapter_name, **kwargs)
         for torch_type, lora_type in CONV_AND_ATTENTION_LAYERS.items():
