@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "peft_kernels")
-PEFT_COMPARING_TOOLS = {"bench/providers.py", "bench/qlora.py", "demo.py"}
+PEFT_COMPARING_TOOLS = {"bench/providers.py", "bench/qlora.py", "bench/mixed.py", "demo.py"}
 
 
 def _python_files():
@@ -53,9 +53,11 @@ def test_fenced_imports():
             root = _root(name)
             if root == "triton" and not rel.startswith("backends/triton/"):
                 problems.append(f"{rel}:{node.lineno} imports triton")
-            # peft: the integration module, and, inside functions only, the tools whose job is to compare
-            # with PEFT (peft-kernels bench / demo); the library path never imports it.
-            peft_ok = rel == "integration/hf_peft.py" or (rel in PEFT_COMPARING_TOOLS and not top_level)
+            # peft: the integration module, and, inside functions only, the rest of integration/ (patch_peft) and
+            # the tools whose job is to compare with PEFT (peft-kernels bench / demo); the library path never
+            # imports it.
+            in_functions_ok = rel.startswith("integration/") or rel in PEFT_COMPARING_TOOLS
+            peft_ok = rel == "integration/hf_peft.py" or (in_functions_ok and not top_level)
             if root == "peft" and not peft_ok:
                 problems.append(f"{rel}:{node.lineno} imports peft")
             if (
