@@ -139,15 +139,19 @@ class LoraLinear4bitFunction(torch.autograd.Function):
         ctx.forced_backend = forced
         ctx.has_bias = bias is not None
         ctx.lora_b_bias_present = [t is not None for t in lora_b_bias]
-        ctx.save_for_backward(x, seeds, packed, absmax, nested_absmax, nested_code, offset, code,
-                              *lora_a, *lora_b, *saved_s)  # fmt: skip
+        # The quantized base is frozen model state, not an activation: kept as a reference on ctx (as bitsandbytes'
+        # MatMul4Bit keeps its quant_state), so saved-tensor hooks (offloading, the saved-bytes measurement) see
+        # only what this call adds: x, the seeds, S and the adapters.
+        ctx.quant_tensors = (packed, absmax, nested_absmax, nested_code, offset, code)
+        ctx.save_for_backward(x, seeds, *lora_a, *lora_b, *saved_s)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         n = ctx.n_adapters
         scaling, dropout_p, blocksize, nested_blocksize, shape = ctx.meta
-        x, seeds, packed, absmax, nested_absmax, nested_code, offset, code, *rest = ctx.saved_tensors
+        x, seeds, *rest = ctx.saved_tensors
+        packed, absmax, nested_absmax, nested_code, offset, code = ctx.quant_tensors
         quant = (packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, shape)
         lora_a, lora_b, saved_s = rest[:n], rest[n : 2 * n], rest[2 * n :]
         needs = ctx.needs_input_grad

@@ -88,7 +88,8 @@ CUDA_GEMM_CONFIGS: dict[int, dict[str, list[triton.Config]]] = {
         "decode": _DECODE,
         "small": _SMALL,
         "large": [
-            _gemm(128, 128, 32, 8, 4, 4),  # LoRAFusion's A100 SXM tile (128, 128, 32, 8, 4 stages, 4 warps): 48 KiB
+            # (LoRAFusion's A100 tile 128x128x32 at 4 warps is not here: with fp32 adapters its F2 spilled 60-96 B
+            # on sm_80, 16-bit and int8 W, ptxas -v in tests/kernels/test_triton_aot.py)
             _gemm(128, 256, 64, 8, 8, 3),  # large N (gate/up 14336); 96 KiB (sm_80 keeps num_stages - 1 buffers)
             _gemm(64, 128, 32, 8, 4, 4),  # LoRAFusion's RTX 3090 tile: 36 KiB, 3-4 CTAs per SM
             _gemm(128, 128, 64, 8, 8, 3),  # B2 with dropout only (see prune_configs): 64 acc registers per thread
@@ -121,7 +122,11 @@ def acc_regs_per_thread(config: triton.Config) -> int:
 # int8 weights (IS_INT8) run their base GEMM transposed (the W tile is wgmma's register operand): with the 64x256
 # tile and 4 warps that is a [256, 64] accumulator plus the converted W tile in registers, and ptxas spilled 96 B
 # (F2, sm_90), so int8 launches do not try it.
-_INT8_EXCLUDED = {(64, 256, 4)}
+# On sm_80 the 128x256 8-warp tile spilled 68 B in int8 F2 the same way (fp32 adapters), so int8 skips it too.
+_INT8_EXCLUDED = {(64, 256, 4), (128, 256, 8)}
+# B2's 16x64 4-warp decode tile spilled 8 B with dropout on sm_80 (the mask of a 128-deep K tile); with dropout the
+# 16x32 decode tile serves instead.
+_DROPOUT_EXCLUDED = {(16, 64, 4)}
 
 
 def pickable(config: triton.Config, dropout: bool, int8: bool = False) -> bool:
@@ -130,7 +135,8 @@ def pickable(config: triton.Config, dropout: bool, int8: bool = False) -> bool:
     if int8 and (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps) in _INT8_EXCLUDED:
         return False
     if dropout:
-        return acc_regs_per_thread(config) <= DROPOUT_MAX_ACC_REGS
+        shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
+        return acc_regs_per_thread(config) <= DROPOUT_MAX_ACC_REGS and shape not in _DROPOUT_EXCLUDED
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps) not in _DROPOUT_ONLY
 
 
