@@ -14,13 +14,14 @@ in fp32 with 1/127 rounded to fp32 (``BNB_INV_127``); the op folds the constant 
 (≈20% of elements by 1 ulp on Gaussian weights; none after rounding to fp16, ≈1e-6 of them in bf16).
 ``dequantize_bnb_int8`` reproduces bnb's own expression bit for bit, for code (merge) that must match bnb.
 
-How a new format plugs in (e.g. 4-bit NF4/FP4 of bitsandbytes' ``Linear4bit``): the weight keeps its packed
-storage (uint8 (N, K/2), two codes per byte) and ``weight_scale`` becomes the blockwise absmax, float32
-(N, K/blocksize) (bnb's ``quant_state.absmax``, dequantized once if double-quantized); if the code table
-(16 values, NF4 or FP4) cannot be told from the dtypes it becomes one more optional operand of the schema in
-``backends/__init__.py``. Then: (1) a ``dequantize_*`` here, the spec; (2) ``check_weight`` learns the
-format; (3) the reference backend dequantizes through it; (4) Triton/CUDA kernels take it when they can and
-their capability check declines it otherwise. Layers, the autograd Function and the dispatcher do not change.
+How the 4-bit format (bitsandbytes' NF4/FP4 ``Linear4bit``) plugged in: its operands (packed codes, blockwise
+absmax and its nested quantization, the 16-entry code table, blocksize, shape) do not fit one ``weight_scale``,
+so it is its own op pair, ``lora_linear_4bit_fwd`` / ``_bwd`` (``ops/lora_4bit.py``, schema in
+``backends/__init__.py``), which shares the LoRA halves with this op: ``add_lora_fwd`` / ``add_lora_bwd`` in the
+reference and ``backward(..., dx_launch=)`` in the Triton launchers. A format that is "integer codes times a
+per-row scale" fits ``weight_scale`` instead: (1) a ``dequantize_*`` here, the spec; (2) ``check_weight`` learns
+the format; (3) the reference dequantizes through it; (4) kernels take it when they can and their capability
+check declines it otherwise. Layers, the autograd Function and the dispatcher do not change.
 """
 
 from __future__ import annotations
