@@ -178,10 +178,10 @@ def run_with_backend(backend: str | None, fn, *args):
     compiled graph is specialised to the device it runs on anyway. Autograd Functions record the forced
     backend in ``ctx`` and re-enter it in backward, which autograd may run on another thread.
     """
-    if backend is None and (_ENV_KEY is not None and _ENV_KEY not in _ENV_DATA):
-        return fn(*args)  # the common case, per layer and step: nothing to force, nothing else to read
     if torch.compiler.is_compiling():
         return fn(*args)
+    if backend is None and _ENV_KEY is not None and _ENV_KEY not in _ENV_DATA:
+        return fn(*args)  # the common case, per layer and step: nothing to force, nothing else to read
     name = requested_backend(backend)
     if name is None:
         return fn(*args)
