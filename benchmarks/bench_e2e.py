@@ -2,12 +2,13 @@
 activation bytes kept for backward, and greedy decode tokens/s.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--steps 10] [--decode-reps 5] [--out rows.csv]
-        [--methods lora,lora_patch_peft,lora_int8,qlora,prefix]
+        [--methods lora,lora_no_dropout,lora_patch_peft,lora_int8,qlora,prefix]
 
 Model: LlamaConfig(hidden 256, 4 layers, 8 heads, 2 KV heads, intermediate 688, vocab 512) on CPU; a 1B-class
 config (hidden 2048, 16 layers, 32/8 heads) on CUDA. Random weights from a fixed seed; both libraries get the same
 base weights and the same adapter weights (copied), batch (B, T) = (4, 128) on CPU, (8, 1024) on CUDA.
-Methods: LoRA r=16 on q,k,v,o,gate,up,down with dropout 0.05; lora_patch_peft: the same LoRA built by plain
+Methods: LoRA r=16 on q,k,v,o,gate,up,down with dropout 0.05; lora_no_dropout: the same with dropout 0;
+lora_patch_peft: the same LoRA built by plain
 ``peft.get_peft_model`` after ``peft_kernels.patch_peft()`` (provider "patch_peft()") vs unpatched peft; int8 LoRA
 (bitsandbytes load_in_8bit for PEFT and us — the same CB/SCB weights; CPU only if bitsandbytes imports); QLoRA (the
 same LoRA over bitsandbytes load_in_4bit NF4 with double quantization, compute dtype = the run's dtype, bnb's CPU
@@ -70,7 +71,7 @@ def config_for(lib, method):
             task_type="CAUSAL_LM",
             r=16,
             lora_alpha=32,
-            lora_dropout=0.05,
+            lora_dropout=0.0 if method == "lora_no_dropout" else 0.05,
             target_modules=LORA_TARGETS,
             init_lora_weights=False,
         )
@@ -214,7 +215,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--decode-reps", type=int, default=5)
-    parser.add_argument("--methods", default="lora,lora_patch_peft,lora_int8,qlora,prefix")
+    parser.add_argument("--methods", default="lora,lora_no_dropout,lora_patch_peft,lora_int8,qlora,prefix")
     parser.add_argument("--out", default=None)
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.prefix import kv_append, prefix_kv_fill
+from ..ops.prefix import append_checked, kv_append, prefix_kv_fill
 
 # Growth when an append overflows a buffer that has already been appended to (a decode loop past the planned
 # length): 1.5x the rows, at least this many more, so the copies amortize to O(1) per token.
@@ -74,33 +74,40 @@ class KVBuffer:
         """(K[:, :, :length], V[:, :, :length]), the buffers themselves when every row is valid."""
         if torch.is_grad_enabled() and (self.k_buf.requires_grad or self.v_buf.requires_grad):
             self._exposed = True
-        if self.length == self.capacity:
+        if self.length == self.k_buf.shape[2]:
             return self.k_buf, self.v_buf
-        return self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+        # narrow: the view [:, :, :length] at a fraction of the cost of Python indexing (per layer and step)
+        return self.k_buf.narrow(2, 0, self.length), self.v_buf.narrow(2, 0, self.length)
 
     # -------------------------------------------------------------------- writes
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K[:, :, n:n+T] = k, V[:, :, n:n+T] = v (n = length), in place unless a reallocation is due; → views."""
-        dtype = torch.promote_types(torch.promote_types(self.dtype, k.dtype), v.dtype)
-        batch, heads, _, head_dim = self.k_buf.shape
-        if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (batch, heads, head_dim) or v.shape != k.shape:
+        k_buf = self.k_buf
+        batch, heads, capacity, head_dim = k_buf.shape
+        k_shape = k.shape
+        if len(k_shape) != 4 or (k_shape[0], k_shape[1], k_shape[3]) != (batch, heads, head_dim) or v.shape != k_shape:
             raise ValueError(
                 f"new keys/values {tuple(k.shape)}/{tuple(v.shape)} do not extend a cache of ({batch}, {heads}, "
                 f"{self.length}, {head_dim})"
             )
-        need = self.length + k.shape[2]
-        if need > self.capacity or dtype != self.dtype or k.device != self.device or self._exposed:
-            capacity = self.capacity
+        dtype = k_buf.dtype
+        if k.dtype != dtype or v.dtype != dtype:
+            dtype = torch.promote_types(torch.promote_types(dtype, k.dtype), v.dtype)
+        need = self.length + k_shape[2]
+        if need > capacity or dtype != k_buf.dtype or k.device != k_buf.device or self._exposed:
             if need > capacity:
                 # The first append sizes an unplanned buffer exactly; later ones (decoding past the plan) grow 1.5x.
                 grow = max(capacity // 2, _REGROW_MIN_ROWS) if self.appends > 0 else 0
                 capacity = max(need, capacity + grow)
             self._reallocate(capacity, dtype, k.device)
-        k, v = k.to(self.dtype), v.to(self.dtype)
+        if k.dtype != dtype or v.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
         fresh = self.length >= self._high_water
-        kv_append(self.k_buf, self.v_buf, k, v, self.length, backend=self.backend, fresh_rows=fresh)
+        # The checks of ops.kv_append hold by construction here (shape checked above; dtype, device, rows made so).
+        append_checked(self.k_buf, self.v_buf, k, v, self.length, self.backend, fresh)
         self.length = need
-        self._high_water = max(self._high_water, need)
+        if need > self._high_water:
+            self._high_water = need
         self.appends += 1
         return self.views()
 

@@ -185,10 +185,16 @@ def kv_append(
     Returns: (k_buf, v_buf), the same tensor objects.
     """
     _check_append(k_buf, v_buf, k, v, offset)
-    if _needs_autograd(k_buf, v_buf, k, v):
-        _dispatch.run_with_backend(backend, KvAppendFunction.apply, int(offset), fresh_rows, k_buf, v_buf, k, v)
+    return append_checked(k_buf, v_buf, k, v, int(offset), backend, fresh_rows)
+
+
+def append_checked(k_buf, v_buf, k, v, offset: int, backend: str | None, fresh_rows: bool):
+    """``kv_append`` for a caller that has already made its checks true (``layers/prefix.py`` ``KVBuffer``, which
+    sizes, casts and moves its buffers before appending): per layer and step, so no second pass over them."""
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or k_buf.requires_grad or v_buf.requires_grad):
+        _dispatch.run_with_backend(backend, KvAppendFunction.apply, offset, fresh_rows, k_buf, v_buf, k, v)
     else:
-        _dispatch.run_with_backend(backend, torch.ops.peft_kernels.kv_append, k_buf, v_buf, k, v, int(offset))
+        _dispatch.run_with_backend(backend, torch.ops.peft_kernels.kv_append, k_buf, v_buf, k, v, offset)
     return k_buf, v_buf
 
 

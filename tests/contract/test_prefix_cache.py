@@ -50,9 +50,10 @@ def cache_mode(mode: str):
 def calls(monkeypatch):
     """Counts prefix_kv_write calls (and layers filled), kv_append calls and KVBuffer reallocations."""
     counts = {"write": 0, "layers": 0, "append": 0, "realloc": 0, "rows": []}
-    real_write, real_append, real_realloc = (
+    real_write, real_append, real_append_checked, real_realloc = (
         ops.prefix_kv_write,
         layers_prefix.kv_append,
+        layers_prefix.append_checked,
         layers_prefix.KVBuffer._replace,
     )
 
@@ -66,12 +67,17 @@ def calls(monkeypatch):
         counts["append"] += 1
         return real_append(*args, **kwargs)
 
+    def append_checked(*args, **kwargs):  # KVBuffer.append's route (its checks already made)
+        counts["append"] += 1
+        return real_append_checked(*args, **kwargs)
+
     def realloc(self, *args):
         counts["realloc"] += 1
         return real_realloc(self, *args)
 
     monkeypatch.setattr(layers_prefix, "prefix_kv_fill", write)  # ops.prefix_kv_write is its alias
     monkeypatch.setattr(layers_prefix, "kv_append", append)
+    monkeypatch.setattr(layers_prefix, "append_checked", append_checked)
     monkeypatch.setattr(layers_prefix.KVBuffer, "_replace", realloc)
     return counts
 

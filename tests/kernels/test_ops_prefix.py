@@ -197,3 +197,39 @@ def test_prefix_kv_fill_is_the_public_name_and_prefix_kv_write_its_alias():
     from peft_kernels import ops
 
     assert ops.prefix_kv_write is ops.prefix_kv_fill
+
+
+# ---- the dispatcher's per-call work (#16) ---------------------------------------------------------------------
+
+
+def test_kv_append_choice_is_made_once_for_every_offset(monkeypatch):
+    """A decode loop appends at a new offset every step; no capability check reads the offset, so the cached choice
+    must serve every step (keyed on it, each step was a cache miss running the checks again)."""
+    calls = []
+    real = _dispatch._choose
+    monkeypatch.setattr(_dispatch, "_choose", lambda *args: calls.append(args[0]) or real(*args))
+    _dispatch.clear_choices()
+    k_buf, v_buf = torch.zeros(2, 3, 12, 8), torch.zeros(2, 3, 12, 8)
+    with _dispatch.force_backend("reference"):  # a forced backend takes the full call signature as its key
+        for offset in range(10):
+            k, v = torch.full((2, 3, 1, 8), float(offset)), torch.full((2, 3, 1, 8), -float(offset))
+            kv_append(k_buf, v_buf, k, v, offset)
+    _dispatch.clear_choices()
+    assert calls == ["kv_append"]
+    assert torch.equal(k_buf[0, 0, :10, 0], torch.arange(10.0)) and torch.equal(
+        v_buf[1, 2, :10, 7], -torch.arange(10.0)
+    )
+
+
+def test_backend_environment_variable_is_read_on_every_call(monkeypatch):
+    """PEFT_KERNELS_BACKEND set or removed after import takes effect on the next call (read through os.environ's
+    own dict, which every os.environ write updates)."""
+    seen = []
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
+    _dispatch.run_with_backend(None, lambda: seen.append(_dispatch.forced_backend()))
+    monkeypatch.setenv(_dispatch.ENV_VAR, "no-such-backend")
+    with pytest.raises(ValueError, match="no-such-backend"):
+        _dispatch.run_with_backend(None, lambda: seen.append("ran"))
+    monkeypatch.delenv(_dispatch.ENV_VAR)
+    _dispatch.run_with_backend(None, lambda: seen.append(_dispatch.forced_backend()))
+    assert seen == ["reference", None]

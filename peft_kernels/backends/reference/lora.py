@@ -36,6 +36,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``; t itself when it already is (a no-op ``.to`` still costs a dispatcher call, ~2 µs on CPU,
+    and the backward has six of them per adapter)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _scaled_(t: torch.Tensor, s: float) -> torch.Tensor:
+    """t ·= s in place, skipped for s = 1 (bitwise the same)."""
+    return t if s == 1.0 else t.mul_(s)
+
+
 def _keep_mask(x: torch.Tensor, p: float, seeds, index: int) -> torch.Tensor:
     """m_a, bool (M, K), for adapter ``index`` (dropout.dropout_keep_mask)."""
     return dropout_keep_mask(seeds[index], x.shape[0], x.shape[1], p, x.device)
@@ -80,14 +91,14 @@ def _base_linear(x, weight, weight_scale, bias):
 def _base_input_grad(dy, weight, weight_scale, dtype):
     """dY·W (M, K) in ``dtype``; W dequantized in ``dtype`` a block of input columns at a time."""
     if weight_scale is None:
-        return torch.mm(dy, weight.to(dy.dtype)).to(dtype)
+        return _as(torch.mm(dy, _as(weight, dy.dtype)), dtype)
     n_out, n_in = weight.shape
     dx = dy.new_empty((dy.shape[0], n_in))
     step = _block(n_in, n_out)
     for k0 in range(0, n_in, step):
-        w_block = dequantize(weight[:, k0 : k0 + step], weight_scale, dtype).to(dy.dtype)  # [N, k]
+        w_block = _as(dequantize(weight[:, k0 : k0 + step], weight_scale, dtype), dy.dtype)  # [N, k]
         torch.mm(dy, w_block, out=dx[:, k0 : k0 + step])
-    return dx.to(dtype)
+    return _as(dx, dtype)
 
 
 def not_supported_reasons(op_name: str, *args) -> list[str]:
@@ -218,13 +229,12 @@ def add_lora_bwd(
     d_lora_a, d_lora_b = [], []
     for index, (a, b, shrink, s, p) in enumerate(zip(lora_a, lora_b, saved_s, scaling, dropout_p)):
         acc = _acc_dtype(a.dtype)
-        dy_acc = dy.to(acc)
-        d_shrink = torch.mm(dy_acc, b.to(acc)).mul_(s)  # [M, r]
+        dy_acc = _as(dy, acc)
+        d_shrink = _scaled_(torch.mm(dy_acc, _as(b, acc)), s)  # [M, r]
         if p == 0.0:
             if need_adapters:
-                d_lora_b.append(torch.mm(dy_acc.t(), shrink).mul_(s).to(b.dtype))  # [N, r]
-                x_acc = x if x.dtype == acc else x.to(acc)
-                d_lora_a.append(torch.mm(d_shrink.t(), x_acc).to(a.dtype))  # [r, K]
+                d_lora_b.append(_as(_scaled_(torch.mm(dy_acc.t(), shrink), s), b.dtype))  # [N, r]
+                d_lora_a.append(_as(torch.mm(d_shrink.t(), _as(x, acc)), a.dtype))  # [r, K]
             if need_dx:
                 if dx.dtype == acc:
                     dx.addmm_(d_shrink, a)
@@ -239,11 +249,11 @@ def add_lora_bwd(
         keep_acc = _as_float(keep, acc)
         if need_dx:
             if dx.dtype == acc:
-                dx.addcmul_(torch.mm(d_shrink, a.to(acc)), keep_acc, value=inv_keep)
+                dx.addcmul_(torch.mm(d_shrink, _as(a, acc)), keep_acc, value=inv_keep)
             else:
                 dx = torch.addcmul(dx.to(acc), torch.mm(d_shrink, a.to(acc)), keep_acc, value=inv_keep).to(x.dtype)
         if need_adapters:
-            d_lora_b.append(torch.mm(dy_acc.t(), shrink).mul_(s).to(b.dtype))  # [N, r]
+            d_lora_b.append(_as(_scaled_(torch.mm(dy_acc.t(), shrink), s), b.dtype))  # [N, r]
             x_hat = keep_acc.mul_(x)  # m ⊙ x in acc (x promotes exactly)
-            d_lora_a.append(torch.mm(d_shrink.t(), x_hat).mul_(inv_keep).to(a.dtype))  # [r, K]
+            d_lora_a.append(_as(torch.mm(d_shrink.t(), x_hat).mul_(inv_keep), a.dtype))  # [r, K]
     return dx, d_lora_a, d_lora_b
