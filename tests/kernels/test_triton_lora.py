@@ -55,7 +55,7 @@ else:
     from peft_kernels.backends.reference.dropout import philox_on_cpu, philox_uniform4
     from peft_kernels.backends.triton import _configs
     from peft_kernels.backends.triton import lora as tri
-    from peft_kernels.backends.triton.dropout import dropout_keep, keep_threshold
+    from peft_kernels.backends.triton.dropout import dropout_bits, dropout_keep, keep_threshold
     from peft_kernels.backends.triton.dropout import lora_dropout_mask as tri_mask
     from peft_kernels.ops import _dispatch
 
@@ -242,8 +242,26 @@ else:
         rows, cols = 37, 130
         t_seed = torch.tensor([seed], dtype=torch.int64)
         expected = ref_mask(t_seed[0], rows, cols, p)
-        assert torch.equal(tri_mask(t_seed, rows, cols, p, block_m=16, block_k=16), expected)
-        assert torch.equal(tri_mask(t_seed, rows, cols, p, block_m=64, block_k=32), expected)
+        assert torch.equal(tri_mask(t_seed, rows, cols, p, block_m=16, block_k=32), expected)
+        assert torch.equal(tri_mask(t_seed, rows, cols, p, block_m=64, block_k=128), expected)
+
+    @pytest.mark.parametrize("rows, cols", [(5, 130), (17, 33), (3, 64), (1, 31)])
+    def test_packed_bits_layout(rows, cols):
+        """The mask kernel's words against the reference mask packed here in Python: int32 [M, ceil(K/32)], column
+        32g + 2q + h at bit q + 16h of word g, bits past K zero; the words of two tilings agree."""
+        seed, p = torch.tensor([-(2**35) + 17], dtype=torch.int64), 0.3
+        keep = ref_mask(seed[0], rows, cols, p).tolist()
+        n_words = (cols + 31) // 32
+        expected = torch.zeros(rows, n_words, dtype=torch.int64)
+        for m in range(rows):
+            for k in range(cols):
+                if keep[m][k]:
+                    j = k % 32
+                    expected[m, k // 32] += 1 << (j // 2 + 16 * (j % 2))
+        for block_m, block_k in ((16, 32), (32, 128)):
+            bits = dropout_bits(seed, rows, cols, p, block_m, block_k)
+            assert bits.dtype == torch.int32 and bits.shape == (rows, n_words)
+            assert torch.equal(bits.to(torch.int64) & 0xFFFFFFFF, expected)
 
     def test_keep_rate_within_4_sigma():
         rows, cols, p = 256, 256, 0.1
@@ -301,7 +319,7 @@ else:
         seeds = _seeds(p)
         dy = torch.randn(M, N)
         tilings = (
-            {"lora_shrink": _configs._cfg(1, 1, BLOCK_M=16, BLOCK_K=16), "linear_lora_bwd_dx": _configs._gemm(16, 16, 16, 1, 1, 1)},
+            {"lora_shrink": _configs._cfg(1, 1, BLOCK_M=16, BLOCK_K=32), "linear_lora_bwd_dx": _configs._gemm(16, 32, 16, 1, 1, 1)},
             {"lora_shrink": _configs._cfg(1, 1, BLOCK_M=32, BLOCK_K=64), "linear_lora_bwd_dx": _configs._gemm(32, 64, 32, 4, 1, 1)},
         )  # fmt: skip
         results = []
