@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         "(bf16/fp16 models).",
         "- W: the weight format of F2/B2 (16-bit, or int8 = W8A16 with `IS_INT8`); x / adapters: activation and "
         "LoRA A/B dtypes; R: padded rank (the GEMM kernels loop over rank chunks of 16, so R does not change them);",
-        "  dropout p>0: the kernel draws the mask (F1, B2, B3). fp32 models halve BLOCK_K (`for_element_size`); they",
+        "  dropout p>0: the kernel reads the packed mask (F1, B2, B3). fp32 models halve BLOCK_K (`for_element_size`); they",
         "  are listed, not gated: their base GEMM runs at torch's fp32 precision (tf32x3 by default).",
         "- Kernels: `lora_shrink` F1, `linear_lora_fwd` F2, `lora_bwd_dys_dyb` B1, `linear_lora_bwd_dx` B2, "
         "`lora_bwd_da` B3.",
