@@ -19,7 +19,6 @@ import argparse
 import collections
 import datetime
 import os
-import re
 import sys
 import time
 
@@ -29,45 +28,9 @@ sys.path.insert(0, ROOT)
 
 import test_triton_aot as aot  # noqa: E402
 import triton  # noqa: E402
+from test_dropout_sass import MASK_KERNEL_ARGS, dropout_pairs, main_loop, mask_kernel_job  # noqa: E402
 
 from peft_kernels.backends.triton import _configs  # noqa: E402
-
-_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
-_LABEL = re.compile(r"^(\.?L\w+):")
-_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(\.?L\w+)")
-
-
-def main_loop(sass: str) -> dict:
-    """{instr, ldl, stl, mma, loops} of the loop with the most MMA instructions (a label and a backward branch
-    to it); instr counts the SASS instructions between them, i.e. per iteration."""
-    lines = [ln.strip() for ln in sass.splitlines()]
-    labels, instr_index, loops = {}, 0, []
-    body: list[str] = []
-    for ln in lines:
-        m = _LABEL.match(ln)
-        if m:
-            labels[m.group(1)] = instr_index
-            continue
-        if not ln or ln.startswith(("Function", ".", "//")):
-            continue
-        body.append(ln)
-        b = _BRANCH.search(ln)
-        if b and b.group(1) in labels and labels[b.group(1)] <= instr_index:
-            loops.append((labels[b.group(1)], instr_index))
-        instr_index += 1
-    best = None
-    for start, end in loops:
-        chunk = body[start : end + 1]
-        mma = sum(bool(_MMA.search(x)) for x in chunk)
-        if best is None or mma > best["mma"]:
-            best = {
-                "instr": len(chunk),
-                "mma": mma,
-                "ldl": sum(" LDL" in f" {x}" for x in chunk),
-                "stl": sum(" STL" in f" {x}" for x in chunk),
-            }
-    total = {"total_instr": len(body), "loops": len(loops)}
-    return {**(best or {"instr": 0, "mma": 0, "ldl": 0, "stl": 0}), **total}
 
 
 def variant_sets() -> dict[str, list]:
@@ -87,7 +50,7 @@ def audit_variants() -> list:
     """The headline form on sm_90 (bf16 x, fp32 adapters, R = 16): F2 and B2 at their large tiles with 16-bit and
     int8 weights (B2 with dropout at the tile the autotuner may pick for it), F1/B1/B3 at R = 16."""
     out = []
-    for config in _configs.declared_gemm_configs("linear_lora_fwd", 90):
+    for config in aot.declared_gemm_configs("linear_lora_fwd", 90):
         if config.kwargs["BLOCK_M"] < 128 and config.kwargs["BLOCK_N"] < 256:
             continue
         for op in _configs.GEMM_OPS:
@@ -101,18 +64,6 @@ def audit_variants() -> list:
         out.append(
             aot._variant(op, 90, "bf16", "fp32", 16, _configs.heuristic_config(op, 16), op != "lora_bwd_dys_dyb")
         )
-    return out
-
-
-def dropout_pairs() -> list:
-    """(kernel, config) pairs compiled with dropout off and on for the SASS comparison, sm_90, bf16 x, fp32
-    adapters: F1 and B3 at R = 16 (the bench's rank), B2 at its large dropout tile."""
-    out = []
-    for op in ("lora_shrink", "lora_bwd_da"):
-        cfg = _configs.heuristic_config(op, 16)
-        out += [aot._variant(op, 90, "bf16", "fp32", 16, cfg, d) for d in (False, True)]
-    cfg = _configs._gemm(128, 128, 64, 8, 8, 3)  # the large tile B2 may autotune to with dropout
-    out += [aot._variant("linear_lora_bwd_dx", 90, "bf16", "fp32", 16, cfg, d) for d in (False, True)]
     return out
 
 
@@ -177,6 +128,21 @@ def sass_table(results) -> list[str]:
     return rows
 
 
+def mask_kernel_rows(results) -> list[str]:
+    rows = [
+        "| kernel | sm | tile | regs | spill st/ld B | smem B | whole kernel SASS instr | elements per thread "
+        "| SASS instr per element |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cap, res, per_thread in results:
+        tile = f"{MASK_KERNEL_ARGS['BLOCK_M']}×{MASK_KERNEL_ARGS['BLOCK_W'] * 32} w4"
+        rows.append(
+            f"| lora_dropout_bits | {cap} | {tile} | {res['regs']} | {res['spill_stores']}/{res['spill_loads']} | "
+            f"{res['shared']} | {res['total_instr']} | {per_thread} | {res['total_instr'] / per_thread:.1f} |"
+        )
+    return rows
+
+
 def _pool_map(fn, variants, workers):
     import concurrent.futures
     import multiprocessing
@@ -207,6 +173,7 @@ def main(argv=None) -> int:
     print(f"compiling {len(variants)} variants with {args.workers} workers ...", flush=True)
     results = aot.compile_all(variants, args.workers)
     sass_results = _pool_map(_sass_job, dropout_pairs(), args.workers) if (args.sass or args.out) else []
+    mask_results = _pool_map(mask_kernel_job, [80, 90], args.workers) if sass_results else []
     elapsed = time.perf_counter() - start
 
     failed = [r for r in results if r[2] is not None]
@@ -230,7 +197,7 @@ def main(argv=None) -> int:
         "(bf16/fp16 models).",
         "- W: the weight format of F2/B2 (16-bit, or int8 = W8A16 with `IS_INT8`); x / adapters: activation and "
         "LoRA A/B dtypes; R: padded rank (the GEMM kernels loop over rank chunks of 16, so R does not change them);",
-        "  dropout p>0: the kernel draws the mask (F1, B2, B3). fp32 models halve BLOCK_K (`for_element_size`); they",
+        "  dropout p>0: the kernel reads the packed mask (F1, B2, B3). fp32 models halve BLOCK_K (`for_element_size`); they",
         "  are listed, not gated: their base GEMM runs at torch's fp32 precision (tf32x3 by default).",
         "- Kernels: `lora_shrink` F1, `linear_lora_fwd` F2, `lora_bwd_dys_dyb` B1, `linear_lora_bwd_dx` B2, "
         "`lora_bwd_da` B3.",
@@ -240,10 +207,19 @@ def main(argv=None) -> int:
         lines += [
             "## Dropout cost in SASS (main loop = the loop holding the MMAs; per thread, per iteration)",
             "",
-            "bf16 x, fp32 adapters, R = 16. For B2 the mask is drawn once per output tile before its K loop, so",
-            "its main loop is unchanged by dropout and the cost shows in the whole-kernel count.",
+            "bf16 x, fp32 adapters, R = 16. With p > 0 a mask kernel first evaluates the Philox spec once per",
+            "element of x into a packed bitmask (1 bit per element, int32 words [M, ceil(K/32)]); F1 and B3 read",
+            "one word per 32 elements of x and mask two 16-bit elements with a shift, an AND, a multiply and an",
+            "AND. B2 masks its LoRA tile once per output tile before its K loop, so its main loop is unchanged by",
+            "dropout and the cost shows in the whole-kernel count. Gate: tests/kernels/test_dropout_sass.py",
+            "(ratio <= 1.5, no LDL/STL in the main loop).",
             "",
             *sass_table(sass_results),
+            "",
+            "The mask kernel (`dropout.dropout_bits`, no main loop: each program draws one 32×128 tile, one word of",
+            "32 elements per thread; Philox4x32-10 once per 4 elements, one integer compare and an OR per element):",
+            "",
+            *mask_kernel_rows(mask_results),
             "",
         ]
     lines += ["## Every variant", "", *resource_table(results), ""]

@@ -69,9 +69,10 @@ def _example_args(op: str, xd: str, ad: str, rank: int) -> dict:
     r = rank
     if op == "lora_shrink":
         return dict(
-            x_ptr=f"*{xd}", a_ptr=f"*{ad}", s_ptr="*fp32", seed_ptr="*i64",
-            M=_M, K=_K, r=r, k_tiles_per_split=16, p=0.1, inv_keep=1 / 0.9,
+            x_ptr=f"*{xd}", a_ptr=f"*{ad}", s_ptr="*fp32", bits_ptr="*i32",
+            M=_M, K=_K, r=r, k_tiles_per_split=16, inv_keep=1 / 0.9,
             stride_xm=_K, stride_xk=1, stride_ar=_K, stride_ak=1, stride_ss=_M * r, stride_sm=r, stride_sr=1,
+            stride_bm=_K // 32,
             BLOCK_R=_configs.rank_block(r), HAS_DROPOUT=True, ATOMIC=True,
         )  # fmt: skip
     if op == "linear_lora_fwd":
@@ -92,17 +93,18 @@ def _example_args(op: str, xd: str, ad: str, rank: int) -> dict:
         )  # fmt: skip
     if op == "linear_lora_bwd_dx":
         return dict(
-            dy_ptr=f"*{xd}", w_ptr=f"*{xd}", wscale_ptr="*fp32", ds_ptr="*fp32", a_ptr=f"*{ad}", seed_ptr="*i64",
-            dx_ptr=f"*{xd}", M=_M, N=_N, K=_K, r=r, p=0.1, inv_keep=1 / 0.9,
+            dy_ptr=f"*{xd}", w_ptr=f"*{xd}", wscale_ptr="*fp32", ds_ptr="*fp32", a_ptr=f"*{ad}", bits_ptr="*i32",
+            dx_ptr=f"*{xd}", M=_M, N=_N, K=_K, r=r, inv_keep=1 / 0.9,
             stride_dym=_N, stride_dyn=1, stride_wn=_K, stride_wk=1, stride_ws=1, stride_dsm=r, stride_dsr=1,
-            stride_ar=_K, stride_ak=1, stride_dxm=_K, stride_dxk=1,
+            stride_ar=_K, stride_ak=1, stride_dxm=_K, stride_dxk=1, stride_bm=_K // 32,
             LORA_CHUNK=_configs.LORA_CHUNK, HAS_DROPOUT=True, IS_INT8=False,
         )  # fmt: skip
     if op == "lora_bwd_da":
         return dict(
-            x_ptr=f"*{xd}", ds_ptr="*fp32", seed_ptr="*i64", da_ptr="*fp32",
-            M=_M, K=_K, r=r, m_tiles_per_split=8, p=0.1, inv_keep=1 / 0.9,
+            x_ptr=f"*{xd}", ds_ptr="*fp32", bits_ptr="*i32", da_ptr="*fp32",
+            M=_M, K=_K, r=r, m_tiles_per_split=8, inv_keep=1 / 0.9,
             stride_xm=_K, stride_xk=1, stride_dsm=r, stride_dsr=1, stride_das=r * _K, stride_dar=_K,
+            stride_bm=_K // 32,
             BLOCK_R=_configs.rank_block(r), HAS_DROPOUT=True, ATOMIC=True,
         )  # fmt: skip
     raise KeyError(op)
@@ -424,9 +426,9 @@ def _example_args_4bit(kind: str, xd: str, ad: str) -> dict:
         )  # fmt: skip
     if kind == "bwd_dx":
         return dict(
-            dy_ptr=f"*{xd}", **quant, ds_ptr="*fp32", a_ptr=f"*{ad}", seed_ptr="*i64",
-            dx_ptr=f"*{xd}", M=_M, N=_N, K=_K, r=r, p=0.1, inv_keep=1 / 0.9, stride_dym=_N, stride_dyn=1,
-            stride_dsm=r, stride_dsr=1, stride_ar=_K, stride_ak=1, stride_dxm=_K, stride_dxk=1,
+            dy_ptr=f"*{xd}", **quant, ds_ptr="*fp32", a_ptr=f"*{ad}", bits_ptr="*i32",
+            dx_ptr=f"*{xd}", M=_M, N=_N, K=_K, r=r, inv_keep=1 / 0.9, stride_dym=_N, stride_dyn=1,
+            stride_dsm=r, stride_dsr=1, stride_ar=_K, stride_ak=1, stride_dxm=_K, stride_dxk=1, stride_bm=_K // 32,
             LORA_CHUNK=_configs.LORA_CHUNK, HAS_DROPOUT=True, PREC="tf32x3", UPCAST=False,
         )  # fmt: skip
     raise KeyError(kind)

@@ -55,7 +55,7 @@ else:
     from peft_kernels.backends.reference.dropout import philox_on_cpu, philox_uniform4
     from peft_kernels.backends.triton import _configs
     from peft_kernels.backends.triton import lora as tri
-    from peft_kernels.backends.triton.dropout import dropout_keep, keep_threshold
+    from peft_kernels.backends.triton.dropout import _philox4x32_10, dropout_bits, keep_threshold
     from peft_kernels.backends.triton.dropout import lora_dropout_mask as tri_mask
     from peft_kernels.ops import _dispatch
 
@@ -242,38 +242,69 @@ else:
         rows, cols = 37, 130
         t_seed = torch.tensor([seed], dtype=torch.int64)
         expected = ref_mask(t_seed[0], rows, cols, p)
-        assert torch.equal(tri_mask(t_seed, rows, cols, p, block_m=16, block_k=16), expected)
-        assert torch.equal(tri_mask(t_seed, rows, cols, p, block_m=64, block_k=32), expected)
+        assert torch.equal(tri_mask(t_seed, rows, cols, p, block_m=16, block_w=1), expected)
+        assert torch.equal(tri_mask(t_seed, rows, cols, p, block_m=64, block_w=4), expected)
+
+    @pytest.mark.parametrize("p", [1e-7, 0.1, 1 / 3, 0.5, 0.999, 0.9999999])
+    def test_keep_threshold_is_the_last_rejected_value(p):
+        """uniform(v) = fl(fl(v)·scale) < p for v = T and >= p for v = T + 1, in fp32 (the spec's comparison)."""
+        t = keep_threshold(p)
+        scale, p32 = torch.tensor(4.6566127342e-10), torch.tensor(p, dtype=torch.float32)
+        below, above = (torch.tensor(float(v), dtype=torch.float32) * scale for v in (t, t + 1))
+        assert 0 <= t < 2**31 - 1 and bool(below < p32) and bool(above >= p32)
+
+    @pytest.mark.parametrize("rows, cols", [(5, 130), (17, 33), (3, 64), (1, 31)])
+    def test_packed_bits_layout(rows, cols):
+        """The mask kernel's words against the reference mask packed here in Python: int32 [M, ceil(K/32)], column
+        32g + 2q + h at bit q + 16h of word g, bits past K zero; the words of two tilings agree."""
+        seed, p = torch.tensor([-(2**35) + 17], dtype=torch.int64), 0.3
+        keep = ref_mask(seed[0], rows, cols, p).tolist()
+        n_words = (cols + 31) // 32
+        expected = torch.zeros(rows, n_words, dtype=torch.int64)
+        for m in range(rows):
+            for k in range(cols):
+                if keep[m][k]:
+                    j = k % 32
+                    expected[m, k // 32] += 1 << (j // 2 + 16 * (j % 2))
+        for block_m, block_w in ((16, 1), (32, 4)):
+            bits = dropout_bits(seed, rows, cols, p, block_m, block_w)
+            assert bits.dtype == torch.int32 and bits.shape == (rows, n_words)
+            assert torch.equal(bits.to(torch.int64) & 0xFFFFFFFF, expected)
 
     def test_keep_rate_within_4_sigma():
         rows, cols, p = 256, 256, 0.1
-        keep = tri_mask(torch.tensor([SEED], dtype=torch.int64), rows, cols, p, block_m=64, block_k=128)
+        keep = tri_mask(torch.tensor([SEED], dtype=torch.int64), rows, cols, p, block_m=64, block_w=4)
         n = rows * cols
         sigma = (p * (1 - p) / n) ** 0.5
         assert abs(keep.double().mean().item() - (1 - p)) <= 4 * sigma
 
     @triton.jit
-    def _mask_at_rows_kernel(seed_ptr, out_ptr, row0, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _philox_at_rows_kernel(seed_ptr, out_ptr, row0, K, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+        """out[i, g, c] = word c of the Philox call of row row0 + i, group g (the mask kernel's offsets)."""
         offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        keep = dropout_keep(tl.load(seed_ptr), offs_m, 0, K, keep_threshold(p), BLOCK_K)
-        tl.store(out_ptr + tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + offs_k[None, :], keep)
+        groups = tl.arange(0, BLOCK_G)
+        offsets = offs_m.to(tl.int64)[:, None] * ((K + 3) // 4) + groups.to(tl.int64)[None, :]
+        w0, w1, w2, w3 = _philox4x32_10(tl.load(seed_ptr), offsets)
+        ptrs = out_ptr + (tl.arange(0, BLOCK_M)[:, None] * BLOCK_G + groups[None, :]) * 4
+        tl.store(ptrs + 0, w0.to(tl.int32, bitcast=True))
+        tl.store(ptrs + 1, w1.to(tl.int32, bitcast=True))
+        tl.store(ptrs + 2, w2.to(tl.int32, bitcast=True))
+        tl.store(ptrs + 3, w3.to(tl.int32, bitcast=True))
 
     @pytest.mark.parametrize("row0, cols", [(2**23, 4096), (2**33 + 5, 3)])
     def test_int64_offsets_past_2_to_the_32(row0, cols):
         """Philox offsets m·ceil(K/4) + k//4 ≥ 2**32 (rows a real launch reaches when M·K > 2**34) keep both counter
-        words; the words follow the reference's layout (word k % 4 of the call of group k // 4)."""
+        words: the kernel's four words, as uniforms, equal the reference's at those offsets."""
         seed = torch.tensor([SEED], dtype=torch.int64)
-        block_m, block_k = 16, 16
-        out = torch.empty(block_m, block_k, dtype=torch.bool)
-        _mask_at_rows_kernel[(1,)](seed, out, row0, cols, 0.5, BLOCK_M=block_m, BLOCK_K=block_k)
+        block_m, block_g = 16, 4
+        out = torch.empty(block_m, block_g, 4, dtype=torch.int32)
+        _philox_at_rows_kernel[(1,)](seed, out, row0, cols, BLOCK_M=block_m, BLOCK_G=block_g)
         rows = torch.arange(block_m, dtype=torch.int64) + row0
-        k = torch.arange(block_k)
-        offs = rows[:, None] * ((cols + 3) // 4) + (k // 4)[None, :]
+        offs = rows[:, None] * ((cols + 3) // 4) + torch.arange(block_g)[None, :]
         assert offs.min().item() >= 2**32
-        words = torch.stack(philox_uniform4(seed[0], offs), dim=-1)  # [rows, cols, 4]
-        expected = words.gather(-1, (k % 4).expand(block_m, block_k)[..., None])[..., 0] >= 0.5
-        assert torch.equal(out, expected)
+        expected = torch.stack(philox_uniform4(seed[0], offs), dim=-1)  # [rows, groups, 4]
+        v = out ^ (out >> 31)  # Triton's uint_to_uniform_float, written independently of the reference
+        assert torch.equal(v.to(torch.float32) * torch.tensor(4.6566127342e-10), expected)
 
     def test_forward_and_backward_see_the_same_mask():
         """A = I and W = 0 expose the masks: S = m ⊙ x/(1-p) in forward, dx = m ⊙ dS/(1-p) in backward."""
@@ -301,7 +332,7 @@ else:
         seeds = _seeds(p)
         dy = torch.randn(M, N)
         tilings = (
-            {"lora_shrink": _configs._cfg(1, 1, BLOCK_M=16, BLOCK_K=16), "linear_lora_bwd_dx": _configs._gemm(16, 16, 16, 1, 1, 1)},
+            {"lora_shrink": _configs._cfg(1, 1, BLOCK_M=16, BLOCK_K=32), "linear_lora_bwd_dx": _configs._gemm(16, 32, 16, 1, 1, 1)},
             {"lora_shrink": _configs._cfg(1, 1, BLOCK_M=32, BLOCK_K=64), "linear_lora_bwd_dx": _configs._gemm(32, 64, 32, 4, 1, 1)},
         )  # fmt: skip
         results = []

@@ -5,7 +5,7 @@ Two kinds of kernel:
 - GEMM-shaped, compute-bound at training shapes: F2 ``linear_lora_fwd`` (y tile [BLOCK_M, BLOCK_N], reduction
   over x's K in BLOCK_K steps) and B2 ``linear_lora_bwd_dx`` (dx tile [BLOCK_M, BLOCK_N] along x's K, reduction
   over W's N in BLOCK_K steps). Autotuned over a short list per (compute capability, M bucket); the autotune key is
-  (N, K) plus the operand dtypes (which Triton's autotuner appends itself), and B2 adds HAS_DROPOUT (the Philox
+  (N, K) plus the operand dtypes (which Triton's autotuner appends itself), and B2 adds HAS_DROPOUT (the mask
   epilogue changes register pressure). M enters only through the bucket, so a training run whose sequence length
   varies does not re-tune on every new M.
 - Memory-bound (intensity ≈ r FLOP/B): F1 ``lora_shrink``, B1 ``lora_bwd_dys_dyb``, B3 ``lora_bwd_da``. One
@@ -105,11 +105,12 @@ DEFAULT_GEMM_CONFIGS: dict[str, list[triton.Config]] = {
 }
 
 
-# B2 with dropout draws its keep mask over the whole fp32 LoRA tile before the K loop. With 128 fp32 accumulator
-# registers per thread (128x256 w8, 128x128 w4, 64x256 w4) ptxas then spills 0.8-2 KB in that prologue (sm_80 and
-# sm_90, 16-bit and int8 W, measured with ptxas -v; docs/KERNEL_RESOURCES.md), so with dropout B2 autotunes only
-# over configs holding at most 64 per thread; (128, 128, 64) with 8 warps is in the large lists for that case only
-# (0 spills) and is pruned everywhere else.
+# B2 with dropout drew its keep mask (inline Philox, before the packed mask of dropout.py) over the whole fp32 LoRA
+# tile before the K loop. With 128 fp32 accumulator registers per thread (128x256 w8, 128x128 w4, 64x256 w4) ptxas
+# then spilled 0.8-2 KB in that prologue (sm_80 and sm_90, 16-bit and int8 W, ptxas -v), so with dropout B2
+# autotunes only over configs holding at most 64 per thread; (128, 128, 64) with 8 warps is in the large lists for
+# that case only (0 spills) and is pruned everywhere else. Not yet re-measured with the packed mask, whose prologue
+# is a few words per row.
 DROPOUT_MAX_ACC_REGS = 64
 _DROPOUT_ONLY = {(128, 128, 8)}  # (BLOCK_M, BLOCK_N, num_warps)
 
@@ -195,7 +196,8 @@ def _cfg(warps: int, stages: int, **blocks: int) -> triton.Config:
 SHRINK_CONFIGS: dict[int, triton.Config] = {
     16: _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),  # 8 KiB of x per stage; M=8192 -> 128 CTAs before split-K
     32: _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
-    64: _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),  # 64x64 fp32 accumulator = 32 registers per thread
+    # 32 rows: with 64, fp32 adapters (A split hi/lo) and dropout ptxas used 255 registers and spilled 32 B on sm_80
+    64: _cfg(4, 3, BLOCK_M=32, BLOCK_K=64),
     # 8 warps: with 4, fp32 adapters (A split hi/lo) and dropout ptxas spilled 8-16 B (sm_90, ptxas -v)
     128: _cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
     256: _cfg(8, 3, BLOCK_M=32, BLOCK_K=32),  # A tile 32x256 per stage; 8 warps for the 32x256 accumulator

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from .. import bind
-from . import _configs, _launch, interpreting
+from . import _configs, _launch, dropout, interpreting
 
 # Re-exported: tests and the AOT compile read the kernels as ``lora.<name>``.
 from .lora_kernels import (  # noqa: F401
@@ -33,12 +33,13 @@ def _gemm_launcher(op: str, device: torch.device, elem_bytes: int, m: int):
 
 
 def _common(dropout_p, seeds, x):
+    """(p, has_dropout, bits, inv_keep): bits is the packed keep mask of x (``dropout.dropout_bits``, one mask
+    kernel launch) when p > 0, else x (an unused pointer: HAS_DROPOUT=False compiles its loads away)."""
     p = float(dropout_p[0])
     has_dropout = p > 0.0
-    # Unused pointer when p = 0 (HAS_DROPOUT=False compiles the load away); any tensor will do.
-    seed = seeds if has_dropout else x
+    bits = dropout.dropout_bits(seeds[:1], x.shape[0], x.shape[1], p) if has_dropout else x
     inv_keep = 1.0 / (1.0 - p) if has_dropout else 1.0
-    return p, has_dropout, seed, inv_keep
+    return p, has_dropout, bits, inv_keep
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,7 +47,7 @@ def _common(dropout_p, seeds, x):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _shrink(x, a, p, has_dropout, seed, inv_keep, prec, upcast) -> torch.Tensor:
+def _shrink(x, a, has_dropout, bits, inv_keep, prec, upcast) -> torch.Tensor:
     """F1: S = (m ⊙ x)·Aᵀ/(1-p), (M, r) fp32."""
     M, K = x.shape
     r = a.shape[0]
@@ -57,9 +58,10 @@ def _shrink(x, a, p, has_dropout, seed, inv_keep, prec, upcast) -> torch.Tensor:
     splits, per = _launch.splits(m_blocks, triton.cdiv(K, block_k), _launch.num_sms(x.device))
     buf, stride_split, atomic = _launch.reduction_buffer(splits, (M, r), x.device)
     _lora_shrink_kernel[(m_blocks, splits)](
-        x, a, buf, seed,
-        M, K, r, per, p, inv_keep,
+        x, a, buf, bits,
+        M, K, r, per, inv_keep,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), stride_split, buf.stride(-2), buf.stride(-1),
+        bits.stride(0),
         BLOCK_R=rank_block, HAS_DROPOUT=has_dropout, ATOMIC=atomic, PREC=prec, UPCAST=upcast,
         enable_fp_fusion=_launch.FP_FUSION, **cfg.all_kwargs(),
     )  # fmt: skip
@@ -87,17 +89,18 @@ def lora_linear_fwd(
         seeds: int64 (1,) when p > 0.
         weight_scale: None for a float weight of x's dtype; an int8 weight's fp32 per-row scale (N,) otherwise
             (F2 with IS_INT8, see ``lora_int8.py``).
-        keep_masks: False here (the kernels regenerate the mask; ``not_supported_reasons`` declines True).
-    Kernels: F1 (S, fp32) then F2 (y in x's dtype, one fp32 accumulator). The call must pass
+        keep_masks: False here (the backward redraws the mask from the seed; ``not_supported_reasons`` declines True).
+    Kernels: with p > 0 the mask kernel (``dropout.dropout_bits``), then F1 (S, fp32) and F2 (y in x's dtype, one
+    fp32 accumulator). The call must pass
     ``not_supported_reasons`` (the dispatcher's choice); it is not checked again here.
     """
     a, b, b_bias, s = lora_a[0], lora_b[0], lora_b_bias[0], float(scaling[0])
     M, K = x.shape
     N, r = weight.shape[0], a.shape[0]
-    p, has_dropout, seed, inv_keep = _common(dropout_p, seeds, x)
     prec, upcast = _launch.fp32_precision(), interpreting()
     with _launch.device_guard(x):
-        shrink = _shrink(x, a, p, has_dropout, seed, inv_keep, prec, upcast)
+        _p, has_dropout, bits, inv_keep = _common(dropout_p, seeds, x)
+        shrink = _shrink(x, a, has_dropout, bits, inv_keep, prec, upcast)
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         kernel = _gemm_launcher("linear_lora_fwd", x.device, x.element_size(), M)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -133,7 +136,8 @@ def lora_linear_bwd(
     Args:
         dy: (M, N).  x, weight, lora_a, lora_b, scaling, dropout_p, seeds, weight_scale: as in the forward.
         saved_s: [S], (M, r) fp32 from the forward.  output_mask: [need dx, need dA and dB].
-    Kernels: B1 (dS, and dB when needed), then B2 (dx; the only one that reads the weight) and B3 (dA). dx in x's
+    Kernels: with p > 0 the mask kernel (the forward's bits, redrawn from the seed), B1 (dS, and dB when needed),
+    then B2 (dx; the only one that reads the weight) and B3 (dA). dx in x's
     dtype; dA, dB in the adapters'. Not checked again here (see the forward).
     """
     return backward(dy, x, weight, weight_scale, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, output_mask)
@@ -150,12 +154,12 @@ def backward(
     a, b, shrink, s = lora_a[0], lora_b[0], saved_s[0], float(scaling[0])
     M, K = x.shape
     N, r = weight.shape[0], a.shape[0]
-    p, has_dropout, seed, inv_keep = _common(dropout_p, seeds, x)
     prec, upcast = _launch.fp32_precision(), interpreting()
     rank_block = _configs.rank_block(r)
     num_sms = _launch.num_sms(x.device)
     dx, d_a, d_b = None, [], []
     with _launch.device_guard(x):
+        _p, has_dropout, bits, inv_keep = _common(dropout_p, seeds, x)
         # ---- B1: dS (always: B2 and B3 need it) and dB, from one read of dY
         cfg = _launch.memory_bound_config("lora_bwd_dys_dyb", rank_block, x.device)
         block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -185,17 +189,17 @@ def backward(
         # ---- B2: dx = dY·W + m ⊙ (dS·A)/(1-p)
         if need_dx and dx_launch is not None:
             dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-            dx_launch(dy, d_shrink, a, seed, p, inv_keep, has_dropout, dx, prec, upcast)
+            dx_launch(dy, d_shrink, a, bits, inv_keep, has_dropout, dx, prec, upcast)
         elif need_dx:
             dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
             kernel = _gemm_launcher("linear_lora_bwd_dx", x.device, dy.element_size(), M)
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
             ws_arg = weight_scale if weight_scale is not None else dx  # unused pointer unless IS_INT8
             kernel[grid](
-                dy, weight, ws_arg, d_shrink, a, seed, dx,
-                M, N, K, r, p, inv_keep,
+                dy, weight, ws_arg, d_shrink, a, bits, dx,
+                M, N, K, r, inv_keep,
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), ws_arg.stride(0), d_shrink.stride(0),
-                d_shrink.stride(1), a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
+                d_shrink.stride(1), a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), bits.stride(0),
                 LORA_CHUNK=_configs.LORA_CHUNK, HAS_DROPOUT=has_dropout, IS_INT8=weight_scale is not None,
                 PREC=prec, UPCAST=upcast, enable_fp_fusion=_launch.FP_FUSION,
             )  # fmt: skip
@@ -208,9 +212,10 @@ def backward(
             splits_m, per_m = _launch.splits(k_blocks, triton.cdiv(M, block_m), num_sms)
             da_buf, stride_das, atomic_da = _launch.reduction_buffer(splits_m, (r, K), x.device)
             _lora_bwd_da_kernel[(k_blocks, splits_m)](
-                x, d_shrink, seed, da_buf,
-                M, K, r, per_m, p, inv_keep,
+                x, d_shrink, bits, da_buf,
+                M, K, r, per_m, inv_keep,
                 x.stride(0), x.stride(1), d_shrink.stride(0), d_shrink.stride(1), stride_das, da_buf.stride(-2),
+                bits.stride(0),
                 BLOCK_R=rank_block, HAS_DROPOUT=has_dropout, ATOMIC=atomic_da, PREC=prec, UPCAST=upcast,
                 enable_fp_fusion=_launch.FP_FUSION, **cfg.all_kwargs(),
             )  # fmt: skip
@@ -232,7 +237,7 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
         reasons = call_reasons(None, call.x, call.weight, call.weight_scale, call.bias, call.lora_a, call.lora_b,
                                call.lora_b_bias, [], call.dropout_p, call.seeds)  # fmt: skip
         if call.keep_masks and any(p > 0.0 for p in call.dropout_p):
-            reasons.append("keep_masks=True (the kernels regenerate the dropout mask in the backward, keep none)")
+            reasons.append("keep_masks=True (the backward redraws the packed dropout mask from the seed, keeps none)")
         return reasons
     return call_reasons(call.dy, call.x, call.weight, call.weight_scale, None, call.lora_a, call.lora_b, [],
                         call.saved_s, call.dropout_p, call.seeds)  # fmt: skip

@@ -14,7 +14,7 @@ W[n, k] = rnd_x(c[nib(nK + k)] · a[(nK + k) // bs]) and the rest as in ``lora.p
 F2q, F2v and B2q decode each W tile in registers inside the main loop (``_decode_tile``: byte load, nibble shift,
 table lookup, × block scale, one rounding to the activation dtype, which is bit for bit the reference's W_deq) and
 never write W in any other form; the LoRA term goes into the same fp32 accumulator; dropout is the Philox mask of
-``dropout.py`` (``dropout_keep``), regenerated. Bytes per GEMM: NK/2 for W plus NK/bs scales (nested: 1 byte each
+``dropout.py`` (``apply_keep_bits``), packed bits. Bytes per GEMM: NK/2 for W plus NK/bs scales (nested: 1 byte each
 plus NK/(bs·256)·4), against 2NK for a 16-bit W and 2NK written + 2NK read again by PEFT + bnb's dequantize-then-GEMM.
 Not yet timed on a GPU.
 """
@@ -31,7 +31,7 @@ from ._device_helpers import _dot_acc, _lora_term, _tile_ids
 from ._launch import FP_FUSION as _FP_FUSION
 from ._launch import device_guard as _device_guard
 from ._launch import fp32_precision as _fp32_precision
-from .dropout import dropout_keep, keep_threshold
+from .dropout import apply_keep_bits
 
 # Rows of x up to which the forward takes the GEMV kernel (a 16-bit tl.dot needs 16 rows anyway).
 GEMV_MAX_M = 16
@@ -172,9 +172,9 @@ def _linear_lora_4bit_gemv_kernel(
 
 @triton.jit
 def _linear_lora_4bit_bwd_dx_kernel(
-    dy_ptr, p_ptr, code_ptr, absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, ds_ptr, a_ptr, seed_ptr, dx_ptr,
-    M, N, K, r, p, inv_keep, blocksize, nested_blocksize,
-    stride_dym, stride_dyn, stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    dy_ptr, p_ptr, code_ptr, absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, ds_ptr, a_ptr, bits_ptr, dx_ptr,
+    M, N, K, r, inv_keep, blocksize, nested_blocksize,
+    stride_dym, stride_dyn, stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_bm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     LORA_CHUNK: tl.constexpr, NESTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -197,8 +197,7 @@ def _linear_lora_4bit_bwd_dx_kernel(
         a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak, mask=rr[:, None] < r, other=0.0)
         lora = _dot_acc(ds, a, lora, PREC, UPCAST)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, K, keep_threshold(p), BLOCK_N)
-        lora = tl.where(keep, lora * inv_keep, 0.0)
+        lora = apply_keep_bits(lora * inv_keep, bits_ptr, stride_bm, rows, pid_n * BLOCK_N, mask_m, (K + 31) // 32)
     acc = lora
     offs_k = tl.arange(0, BLOCK_K)
     for n0 in range(0, N, BLOCK_K):
@@ -253,11 +252,11 @@ def lora_linear_4bit_fwd(
     a, b, b_bias, s = lora_a[0], lora_b[0], lora_b_bias[0], float(scaling[0])
     M, K = x.shape
     N, r = int(shape[0]), a.shape[0]
-    p, has_dropout, seed, inv_keep = lora._common(dropout_p, seeds, x)
     prec, upcast = _fp32_precision(), interpreting()
     quant, nested = _quant_args(packed, absmax, nested_absmax, nested_code, offset, code)
     with _device_guard(x):
-        shrink = lora._shrink(x, a, p, has_dropout, seed, inv_keep, prec, upcast)
+        _p, has_dropout, bits, inv_keep = lora._common(dropout_p, seeds, x)
+        shrink = lora._shrink(x, a, has_dropout, bits, inv_keep, prec, upcast)
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         bias_arg = bias if bias is not None else y
         bb_arg = b_bias if b_bias is not None else y
@@ -279,15 +278,15 @@ def lora_linear_4bit_fwd(
 
 
 def _dx_4bit(quant, nested, blocksize, nested_blocksize, n_rows):
-    """B2 replacement for ``lora.backward``: a callable (dy, d_shrink, a, seed, p, inv_keep, has_dropout, dx)."""
+    """B2 replacement for ``lora.backward``: a callable (dy, d_shrink, a, bits, inv_keep, has_dropout, dx, ...)."""
 
-    def launch(dy, d_shrink, a, seed, p, inv_keep, has_dropout, dx, prec, upcast):
+    def launch(dy, d_shrink, a, bits, inv_keep, has_dropout, dx, prec, upcast):
         M, K = dx.shape
         kernel = _launcher("bwd_dx", dx.device)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-        kernel[grid](dy, *quant, d_shrink, a, seed, dx, M, n_rows, K, a.shape[0], p, inv_keep, int(blocksize),
+        kernel[grid](dy, *quant, d_shrink, a, bits, dx, M, n_rows, K, a.shape[0], inv_keep, int(blocksize),
                      int(nested_blocksize), dy.stride(0), dy.stride(1), d_shrink.stride(0), d_shrink.stride(1),
-                     a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), LORA_CHUNK=lora._configs.LORA_CHUNK,
+                     a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), bits.stride(0), LORA_CHUNK=lora._configs.LORA_CHUNK,
                      NESTED=nested, HAS_DROPOUT=has_dropout, PREC=prec, UPCAST=upcast,
                      enable_fp_fusion=_FP_FUSION)  # fmt: skip
 
@@ -328,5 +327,5 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
     if int(call.blocksize) % 2:
         reasons.append(f"blocksize={call.blocksize} is odd")
     if op_name == "lora_linear_4bit_fwd" and call.keep_masks and any(p > 0.0 for p in call.dropout_p):
-        reasons.append("keep_masks=True (the kernels regenerate the dropout mask in the backward, keep none)")
+        reasons.append("keep_masks=True (the backward redraws the packed dropout mask from the seed, keeps none)")
     return reasons

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._device_helpers import _dot_acc, _int8_to, _lora_dot, _lora_term, _reduce_store, _tile_ids
-from .dropout import dropout_keep, keep_threshold
+from .dropout import apply_keep_bits
 
 # ---------------------------------------------------------------------------------------------------------------
 # F1: S = (m ⊙ x) · Aᵀ / (1-p)
@@ -47,13 +47,12 @@ def _lora_shrink_kernel(
     x_ptr,
     a_ptr,
     s_ptr,
-    seed_ptr,
+    bits_ptr,
     # Dimensions
     M,
     K,
     r,
     k_tiles_per_split,
-    p,
     inv_keep,
     # Strides
     stride_xm,
@@ -63,6 +62,7 @@ def _lora_shrink_kernel(
     stride_ss,
     stride_sm,
     stride_sr,
+    stride_bm,
     # Meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -75,6 +75,7 @@ def _lora_shrink_kernel(
     """S[rows, :] (+)= Σ_{k in this split} x̂[rows, k]·A[:, k]; grid (M blocks, K splits).
 
     x: (M, K) any strides; A: (r, K); S: (splits, M, r) fp32 with stride_ss = 0 when the splits add atomically.
+    bits: the packed keep mask of x (``dropout.dropout_bits``), int32 (M, ceil(K/32)), read only with HAS_DROPOUT.
     """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -84,9 +85,7 @@ def _lora_shrink_kernel(
     mask_r = offs_r < r
     k_start = pid_k * k_tiles_per_split * BLOCK_K
     k_end = tl.minimum(K, k_start + k_tiles_per_split * BLOCK_K)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        threshold = keep_threshold(p)
+    n_words = (K + 31) // 32  # the row length of the packed mask
     # int64 row offsets: M·stride_xm may exceed 2**31.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     a_cols = a_ptr + offs_r.to(tl.int64)[None, :] * stride_ar
@@ -99,7 +98,7 @@ def _lora_shrink_kernel(
             x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
         )
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_K), x, 0.0)
+            x = apply_keep_bits(x, bits_ptr, stride_bm, offs_m.to(tl.int64), k0, mask_m, n_words)
         a_t = tl.load(  # Aᵀ tile [BLOCK_K, BLOCK_R]
             a_cols + offs_k.to(tl.int64)[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0
         )
@@ -329,14 +328,13 @@ def _linear_lora_bwd_dx_kernel(
     wscale_ptr,
     ds_ptr,
     a_ptr,
-    seed_ptr,
+    bits_ptr,
     dx_ptr,
     # Dimensions
     M,
     N,
     K,
     r,
-    p,
     inv_keep,
     # Strides
     stride_dym,
@@ -350,6 +348,7 @@ def _linear_lora_bwd_dx_kernel(
     stride_ak,
     stride_dxm,
     stride_dxk,
+    stride_bm,
     # Meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -364,6 +363,7 @@ def _linear_lora_bwd_dx_kernel(
     """One [BLOCK_M, BLOCK_N] tile of dx (BLOCK_N along x's K); the reduction runs over W's N in BLOCK_K steps.
 
     dY: (M, N); W: (N, K) any strides; dS: (M, r) fp32 (already scaled by s); A: (r, K). dx: (M, K).
+    bits: the forward's packed keep mask of x, int32 (M, ceil(K/32)), read only with HAS_DROPOUT.
     The LoRA term is computed first in its own fp32 tile, masked and rescaled, and only then seeds the base
     accumulator: the mask applies to the LoRA term alone.
     IS_INT8 (W8A16): W is int8 with per-row scale wscale (N,) fp32, dx = dY·(W⊙wscale[:, None]) + ...; the scale
@@ -386,8 +386,7 @@ def _linear_lora_bwd_dx_kernel(
         a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak, mask=rr[:, None] < r, other=0.0)
         lora = _lora_dot(ds, a, lora, dy_ptr.dtype.element_ty, PREC, UPCAST)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, K, keep_threshold(p), BLOCK_N)
-        lora = tl.where(keep, lora * inv_keep, 0.0)
+        lora = apply_keep_bits(lora * inv_keep, bits_ptr, stride_bm, rows, pid_n * BLOCK_N, mask_m, (K + 31) // 32)
 
     offs_k = tl.arange(0, BLOCK_K)
     if IS_INT8:
@@ -435,14 +434,13 @@ def _lora_bwd_da_kernel(
     # Pointers
     x_ptr,
     ds_ptr,
-    seed_ptr,
+    bits_ptr,
     da_ptr,
     # Dimensions
     M,
     K,
     r,
     m_tiles_per_split,
-    p,
     inv_keep,
     # Strides
     stride_xm,
@@ -451,6 +449,7 @@ def _lora_bwd_da_kernel(
     stride_dsr,
     stride_das,
     stride_dar,
+    stride_bm,
     # Meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -463,6 +462,7 @@ def _lora_bwd_da_kernel(
     """dA[:, cols] (+)= Σ_{m in this split} dS[m, :]ᵀ·x̂[m, cols]; grid (K blocks, M splits).
 
     x: (M, K) any strides; dS: (M, r) fp32. dA: (splits, r, K) fp32 (stride_das = 0 when atomic).
+    bits: the forward's packed keep mask of x, int32 (M, ceil(K/32)), read only with HAS_DROPOUT.
     """
     pid_k = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -472,9 +472,7 @@ def _lora_bwd_da_kernel(
     mask_r = offs_r < r
     m_start = pid_m * m_tiles_per_split * BLOCK_M
     m_end = tl.minimum(M, m_start + m_tiles_per_split * BLOCK_M)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        threshold = keep_threshold(p)
+    n_words = (K + 31) // 32  # the row length of the packed mask
     cols = offs_k.to(tl.int64)
 
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -488,7 +486,7 @@ def _lora_bwd_da_kernel(
             other=0.0,
         )
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_K), x, 0.0)
+            x = apply_keep_bits(x, bits_ptr, stride_bm, rows, pid_k * BLOCK_K, mask_m, n_words)
         ds = tl.load(  # dS rows past the split load as zeros
             ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
             mask=mask_m[:, None] & mask_r[None, :],
