@@ -204,8 +204,17 @@ def lora_linear_bwd(
     dx has x's dtype; dA_a, dB_a the dtypes of A_a, B_a.
     """
     need_dx, need_adapters = output_mask
-    dx = _base_input_grad(dy, weight, weight_scale, x.dtype) if need_dx else None
-    return add_lora_bwd(dx, dy, x, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, need_adapters)
+    # dY·W last, accumulated onto the LoRA terms by one in-place addmm, when every operand already has x's dtype
+    # (saves the separate M×K add pass and one M×K allocation); otherwise dY·W first, LoRA terms added onto it.
+    fold = (
+        need_dx
+        and weight_scale is None
+        and dy.dtype == weight.dtype == x.dtype
+        and all(_acc_dtype(a.dtype) == x.dtype for a in lora_a)
+    )
+    dx = _base_input_grad(dy, weight, weight_scale, x.dtype) if need_dx and not fold else None
+    base_weight = weight if fold else None
+    return add_lora_bwd(dx, dy, x, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, need_adapters, base_weight)
 
 
 def add_lora_bwd(
@@ -219,41 +228,51 @@ def add_lora_bwd(
     dropout_p: list[float],
     seeds: torch.Tensor | None,
     need_adapters: bool,
+    base_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
     """(dx + Σ_a m_a ⊙ (dS_a·A_a)/(1-p_a), [dA_a], [dB_a]) for the base part dx = dY·W (M, K), or None when dx is
-    not needed: the LoRA half of the backward, shared with the 4-bit reference. ``saved_s`` as the forward's."""
-    need_dx = dx is not None
+    not needed: the LoRA half of the backward, shared with the 4-bit reference. ``saved_s`` as the forward's.
+
+    ``base_weight``: W (N, K) with ``dx`` None, every dtype x's: dY·W is computed here, last, by one in-place
+    addmm onto the summed LoRA terms. 1/(1-p_a) is folded into dS_a (M×r) so no M×K tensor is scaled."""
+    need_dx = dx is not None or base_weight is not None
     n = len(lora_a)
     kept = iter(saved_s[n:]) if len(saved_s) > n else None
     saved_s = saved_s[:n]
+    lora_dx = None  # Σ_a of the LoRA terms when dY·W comes last (base_weight)
     d_lora_a, d_lora_b = [], []
     for index, (a, b, shrink, s, p) in enumerate(zip(lora_a, lora_b, saved_s, scaling, dropout_p)):
         acc = _acc_dtype(a.dtype)
         dy_acc = _as(dy, acc)
-        d_shrink = _scaled_(torch.mm(dy_acc, _as(b, acc)), s)  # [M, r]
-        if p == 0.0:
-            if need_adapters:
-                d_lora_b.append(_as(_scaled_(torch.mm(dy_acc.t(), shrink), s), b.dtype))  # [N, r]
-                d_lora_a.append(_as(torch.mm(d_shrink.t(), _as(x, acc)), a.dtype))  # [r, K]
-            if need_dx:
-                if dx.dtype == acc:
-                    dx.addmm_(d_shrink, a)
-                else:
-                    dx = torch.add(dx.to(acc), torch.mm(d_shrink, a.to(acc))).to(x.dtype)
-            continue
-        # Dropout: the kept or the regenerated mask (the same bits); 1/(1-p) goes on dA [r, K] and on the add
-        # into dx, not on M×K tensors.
-        keep = next(kept) if kept is not None else _keep_mask(x, p, seeds, index)
-        inv_keep = 1.0 / (1.0 - p)
-        # One float copy of m [M, K] serves both: first dx += (dS_a·A_a) ⊙ m / (1-p), then m ⊙= x in place → x̂_a.
-        keep_acc = _as_float(keep, acc)
-        if need_dx:
-            if dx.dtype == acc:
-                dx.addcmul_(torch.mm(d_shrink, _as(a, acc)), keep_acc, value=inv_keep)
-            else:
-                dx = torch.addcmul(dx.to(acc), torch.mm(d_shrink, a.to(acc)), keep_acc, value=inv_keep).to(x.dtype)
         if need_adapters:
             d_lora_b.append(_as(_scaled_(torch.mm(dy_acc.t(), shrink), s), b.dtype))  # [N, r]
+        # dS_a / (1 - p_a): [M, r]
+        d_shrink = _scaled_(torch.mm(dy_acc, _as(b, acc)), s if p == 0.0 else s / (1.0 - p))
+        if p == 0.0:
+            if need_adapters:
+                d_lora_a.append(_as(torch.mm(d_shrink.t(), _as(x, acc)), a.dtype))  # [r, K]
+            if base_weight is not None:
+                a_acc = _as(a, acc)
+                lora_dx = torch.mm(d_shrink, a_acc) if lora_dx is None else lora_dx.addmm_(d_shrink, a_acc)
+            elif need_dx and dx.dtype == acc:
+                dx.addmm_(d_shrink, _as(a, acc))
+            elif need_dx:
+                dx = torch.add(dx.to(acc), torch.mm(d_shrink, a.to(acc))).to(x.dtype)
+            continue
+        # Dropout: the kept or the regenerated mask (the same bits). One float copy of m [M, K] serves both:
+        # first the dx term m ⊙ (dS_a·A_a) / (1-p_a), then m ⊙= x in place → x̂_a (1/(1-p_a) is in d_shrink).
+        keep = next(kept) if kept is not None else _keep_mask(x, p, seeds, index)
+        keep_acc = _as_float(keep, acc)
+        if base_weight is not None:
+            term = torch.mm(d_shrink, _as(a, acc)).mul_(keep_acc)
+            lora_dx = term if lora_dx is None else lora_dx.add_(term)
+        elif need_dx and dx.dtype == acc:
+            dx.addcmul_(torch.mm(d_shrink, _as(a, acc)), keep_acc)
+        elif need_dx:
+            dx = torch.addcmul(dx.to(acc), torch.mm(d_shrink, a.to(acc)), keep_acc).to(x.dtype)
+        if need_adapters:
             x_hat = keep_acc.mul_(x)  # m ⊙ x in acc (x promotes exactly)
-            d_lora_a.append(_as(torch.mm(d_shrink.t(), x_hat).mul_(inv_keep), a.dtype))  # [r, K]
+            d_lora_a.append(_as(torch.mm(d_shrink.t(), x_hat), a.dtype))  # [r, K]
+    if base_weight is not None:
+        dx = torch.mm(dy, base_weight) if lora_dx is None else lora_dx.addmm_(dy, base_weight)
     return dx, d_lora_a, d_lora_b
