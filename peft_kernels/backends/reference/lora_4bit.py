@@ -147,15 +147,24 @@ def dequantize_4bit(*quant, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _native_quant_type(code: torch.Tensor, k: int, dtype: torch.dtype) -> str | None:
-    """"nf4" / "fp4" where bitsandbytes' registered native CPU kernel can decode this weight, else None."""
+    """ "nf4" / "fp4" where bitsandbytes' registered native CPU kernel can decode this weight, else None."""
     if code.device.type != "cpu" or dtype not in _NATIVE_DTYPES or k % 2:
         return None
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", "CPU"):
+    if not _native_kernel_registered():
         return None  # bitsandbytes not imported, or its native library did not load (then no CPU kernel)
     for quant_type, table in _bnb_tables().items():
         if torch.equal(code, table):
             return quant_type
     return None  # a custom code table: only the torch decode reads it
+
+
+def _native_kernel_registered() -> bool:
+    """bitsandbytes registered a CPU kernel of its dequantize_4bit op (it does on import when its native library
+    loads)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", "CPU")
+    except RuntimeError:  # the op does not exist: bitsandbytes not imported
+        return False
 
 
 @functools.cache
@@ -168,12 +177,12 @@ def _bnb_tables() -> dict[str, torch.Tensor]:
 
 def cpu_decoder() -> str:
     """Which decoder the CPU path uses now, in words (``peft-kernels info``)."""
-    if torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", "CPU"):
-        return "bitsandbytes' native dequantize_4bit kernel per row chunk (NF4/FP4, even K, fp16/bf16/fp32)"
-    return (
-        "torch decode (the spec); bitsandbytes' native CPU dequantize_4bit kernel once bitsandbytes is imported "
-        "and registers it"
-    )
+    if _native_kernel_registered():
+        return (
+            "bitsandbytes' native dequantize_4bit kernel, row chunks forward and column chunks backward (bnb's NF4 "
+            "or FP4 table, even K, fp16/bf16/fp32 x; the torch decode otherwise)"
+        )
+    return "torch decode (the spec): bitsandbytes is not importable or has no native CPU kernel"
 
 
 def _row_chunks(quant, dtype: torch.dtype, extra_bytes: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
