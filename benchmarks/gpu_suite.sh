@@ -48,7 +48,7 @@ STEPS=(
   "tests_fast|85|pytest -v, one fast correctness pass per op (FAST_TESTS), PEFT_KERNELS_AUTOTUNE=first -> tests_fast.{log,xml}"
   "bench_headline|60|peft-kernels bench --ops lora_linear --modes fwd+bwd,fwd,bwd --providers peft,triton (M=8192 K=N=4096 r=16 bf16 first) -> bench_headline.csv"
   "tests_rest|50|pytest -m gpu -v, cheap files first, test_ops_lora last, PEFT_KERNELS_AUTOTUNE=first -> tests_rest.{log,xml}"
-  "bench_qlora|35|peft-kernels bench --ops lora_linear_4bit --providers peft,triton (NF4 nested: M=4096 K=N=4096 r=16 bf16 fwd+bwd/fwd/bwd, decode M=1 with GB/s of the packed weight) -> bench_qlora.csv"
+  "bench_qlora|35|python -m peft_kernels.bench.qlora (decode M=1 K=N=4096 under a CUDA graph, L2-cold: GB/s of the packed weight, HBM fraction, vs peft+bnb) -> bench_qlora_decode.csv; peft-kernels bench --ops lora_linear_4bit --providers peft,triton (M=4096 fwd+bwd/fwd/bwd, M=1) -> bench_qlora.csv"
   "e2e_qlora|35|benchmarks/bench_e2e.py --device cuda --methods qlora --steps 3 (step time, peak memory, decode tokens/s vs PEFT+bnb) -> bench_e2e_qlora.csv"
   "bench_ops|45|peft-kernels bench --ops lora_linear_int8,prefix_kv, then lora_linear no-grad-fwd and the reference providers -> bench_ops.csv"
   "bench_prefix|35|benchmarks/bench_prefix.py --gpu --reps 3 (B=8, T=2048, P=32; 16/64-token decode; rows per mode) -> bench_prefix.csv"
@@ -163,8 +163,9 @@ PEFT_KERNELS_AUTOTUNE=first run_step tests_rest tests_rest.log \
 # QLoRA (issue #14's GPU targets): fwd+bwd >= 1.15x and decode >= 2x PEFT+bnb, decode >= 70% of HBM bandwidth on the
 # packed weight bytes (the rows' GB/s; docs/GPU_READINESS.md has the estimates); the e2e step's peak shows whether an
 # N x K temporary exists.
-run_step bench_qlora bench_qlora.log "$PY" -m peft_kernels.cli bench --device cuda --size quick \
-  --ops lora_linear_4bit --providers peft,triton --no-progress --out "$OUT/bench_qlora.csv" --plot ''
+run_step bench_qlora bench_qlora.log bash -c "$PY -m peft_kernels.bench.qlora --out '$OUT/bench_qlora_decode.csv' \
+  && $PY -m peft_kernels.cli bench --device cuda --size quick --ops lora_linear_4bit --providers peft,triton \
+  --no-progress --out '$OUT/bench_qlora.csv' --plot ''"
 run_step e2e_qlora bench_e2e_qlora.log "$PY" benchmarks/bench_e2e.py --device cuda --methods qlora --steps 3 \
   --decode-reps 2 --decode-tokens 16 --out "$OUT/bench_e2e_qlora.csv"
 run_step bench_ops bench_ops.log bash -c "$PY -m peft_kernels.cli bench --device cuda --size quick \
