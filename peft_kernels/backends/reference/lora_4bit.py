@@ -23,8 +23,8 @@ forward decodes row chunks W[rows] and writes y[:, rows] in place (no M×rows te
 column chunks W[:, cols] (whole blocks of every row) and writes dx[:, cols] = dY·W[:, cols], one GEMM over the
 full N, or, where those do not fit or bnb's kernel is absent, accumulates dY[:, rows]·W[rows] into dx. A chunk's
 live bytes (``chunk_budget``) plus the fp32 block scales, decoded once per call, stay ≤ 1/8 of the dequantized
-weight's bytes; chunks hold at least ``MIN_CHUNK_ELEMENTS`` elements, so weights under ~1M elements may exceed the
-1/8 by at most ~1 MB (measured in the tests).
+weight's bytes; chunks hold at least ``MIN_CHUNK_ELEMENTS`` (128k) elements, so that bound holds from N·K ≥ 4M
+elements (a 2048×2048 projection) and smaller weights may exceed it by at most ~0.8 MB (128k elements × 6 bytes).
 
 Decoders (``cpu_decoder`` names the one a call uses): this file's torch decode is the spec and the fallback.
 When bitsandbytes has registered its native CPU kernel ``torch.ops.bitsandbytes.dequantize_4bit`` (it has, once
@@ -46,7 +46,7 @@ from .lora import _acc_dtype, add_lora_bwd, add_lora_fwd
 
 # Elements decoded at once at least: each chunk costs a few calls (~50-80 µs on a CPU), so tiny chunks of small
 # weights would cost more than the decode itself.
-MIN_CHUNK_ELEMENTS = 1 << 16
+MIN_CHUNK_ELEMENTS = 1 << 17
 # Chunks of a multiple of this many rows (or columns) where they hold that many: MKL's sgemm on a 256×768 x
 # against a 77-row chunk ran 13% slower than against an 80-row one (one CPU thread, measured).
 GEMM_ROW_MULTIPLE = 16
@@ -161,10 +161,16 @@ def _native_quant_type(code: torch.Tensor, k: int, dtype: torch.dtype) -> str | 
 def _native_kernel_registered() -> bool:
     """bitsandbytes registered a CPU kernel of its dequantize_4bit op (it does on import when its native library
     loads)."""
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", "CPU")
-    except RuntimeError:  # the op does not exist: bitsandbytes not imported
-        return False
+    global _native_registered
+    if not _native_registered:  # once registered, it stays: the lookup (~60 µs) is paid until then only
+        try:
+            _native_registered = torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", "CPU")
+        except RuntimeError:  # the op does not exist: bitsandbytes not imported
+            return False
+    return _native_registered
+
+
+_native_registered = False
 
 
 @functools.cache
@@ -185,6 +191,16 @@ def cpu_decoder() -> str:
     return "torch decode (the spec): bitsandbytes is not importable or has no native CPU kernel"
 
 
+def _call_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, native: bool) -> torch.Tensor:
+    """All block scales in fp32, once per call: ``block_scales``, or with ``native`` bnb's own nested decode (its
+    CPU dequantize_blockwise kernel, then + offset: the same fp32 operations in one call, not ~8 torch ops)."""
+    if not native or nested_absmax is None:
+        return block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    codes = absmax.reshape(-1).view(torch.uint8)
+    dequantize = torch.ops.bitsandbytes.dequantize_blockwise
+    return dequantize(codes, nested_absmax, nested_code, nested_blocksize, torch.float32).add_(offset)
+
+
 def _row_chunks(quant, dtype: torch.dtype, extra_bytes: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(r0, r1, W[r0:r1] in dtype) over the weight, in chunks sized by ``chunk_rows``; ``extra_bytes`` per element:
     what the caller adds per chunk element (the backward's fp32 copy). Block scales are decoded once per call.
@@ -192,8 +208,8 @@ def _row_chunks(quant, dtype: torch.dtype, extra_bytes: int = 0) -> Iterator[tup
     packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, shape = quant
     n_rows, k = shape
     data = packed.reshape(-1).view(torch.uint8)
-    scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     quant_type = _native_quant_type(code, k, dtype)
+    scales = _call_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, quant_type is not None)
     decoder = "torch" if quant_type is None else "bitsandbytes"
     row_multiple = 1 if quant_type is None else blocksize // math.gcd(k, blocksize)
     per_element = dtype.itemsize + _DECODE_OVERHEAD[decoder] + extra_bytes
@@ -250,7 +266,8 @@ def _column_chunks(quant, dtype: torch.dtype, extra_bytes: int) -> Iterator[tupl
     if quant_type is None or k % blocksize:
         return None
     data = packed.reshape(-1).view(torch.uint8).view(n_rows, k // 2)
-    scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize).view(n_rows, k // blocksize)
+    scales = _call_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, True)
+    scales = scales.view(n_rows, k // blocksize)
     # Per element: the decoded value, its gathered code byte half and block scale (< 1 byte), the caller's extra.
     per_element = dtype.itemsize + 1 + extra_bytes
     budget = chunk_budget(n_rows, k, dtype.itemsize, blocksize)
