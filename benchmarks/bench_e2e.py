@@ -66,7 +66,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def config_for(lib, method):
-    if method.startswith("lora"):
+    if method.startswith("lora") or method == "qlora":
         return lib.LoraConfig(
             task_type="CAUSAL_LM",
             r=16,

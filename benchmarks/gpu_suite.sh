@@ -9,7 +9,9 @@
 #
 # Order (cheap and most important first): env; build _C; one fast correctness pass per op (a handful of cases,
 # autotuning restricted to each list's first config by PEFT_KERNELS_AUTOTUNE=first); the headline benchmark rows
-# (LoRA linear M=8192, K=N=4096, r=16, bf16 with fp32 adapters: fwd, bwd, fwd+bwd vs PEFT); the remaining GPU tests;
+# (LoRA linear M=8192, K=N=4096, r=16, bf16 with fp32 adapters: fwd, bwd, fwd+bwd vs PEFT); the remaining GPU tests
+# (the 4-bit kernels' among them); the QLoRA rows (the 4-bit op at M=4096 and M=1, then the e2e qlora step vs
+# PEFT+bnb);
 # the other benchmarks. Every step has a timeout and writes as it goes: pytest -v with --junitxml and
 # --durations=20 (a killed step still names what passed), benchmark CSVs appended per case / per mode, steps.csv one
 # row per finished step. TRITON_PRINT_AUTOTUNING=1 puts each autotuner's choice in the step logs.
@@ -42,14 +44,16 @@ PY="${PYTHON:-python3}"
 # ---- the plan: name | base budget (s, at BUDGET=480) | what
 STEPS=(
   "env|15|nvidia-smi, versions, peft-kernels info -> env.txt"
-  "build|75|setup.py build_ext --inplace (sm_90, MAX_JOBS=16), then peft-kernels info -> build.log"
-  "tests_fast|90|pytest -v, one fast correctness pass per op (FAST_TESTS), PEFT_KERNELS_AUTOTUNE=first -> tests_fast.{log,xml}"
+  "build|70|setup.py build_ext --inplace (sm_90, MAX_JOBS=16), then peft-kernels info -> build.log"
+  "tests_fast|85|pytest -v, one fast correctness pass per op (FAST_TESTS), PEFT_KERNELS_AUTOTUNE=first -> tests_fast.{log,xml}"
   "bench_headline|60|peft-kernels bench --ops lora_linear --modes fwd+bwd,fwd,bwd --providers peft,triton (M=8192 K=N=4096 r=16 bf16 first) -> bench_headline.csv"
-  "tests_rest|60|pytest -m gpu -v, cheap files first, test_ops_lora last, PEFT_KERNELS_AUTOTUNE=first -> tests_rest.{log,xml}"
-  "bench_ops|60|peft-kernels bench --ops lora_linear_int8,prefix_kv, then lora_linear no-grad-fwd and the reference providers -> bench_ops.csv"
-  "bench_prefix|45|benchmarks/bench_prefix.py --gpu --reps 3 (B=8, T=2048, P=32; 16/64-token decode; rows per mode) -> bench_prefix.csv"
-  "bench_int8|45|benchmarks/bench_lora_int8.py --quick --modes decode (W8A16 M=1 under CUDA graphs) -> bench_lora_int8.csv"
-  "bench_mixed|30|peft-kernels bench --ops lora_linear_mixed (8 adapters, M in {8,64,512}), then bench_mixed_serving.py -> bench_mixed_*.csv"
+  "tests_rest|50|pytest -m gpu -v, cheap files first, test_ops_lora last, PEFT_KERNELS_AUTOTUNE=first -> tests_rest.{log,xml}"
+  "bench_qlora|35|python -m peft_kernels.bench.qlora (decode M=1 K=N=4096 under a CUDA graph, L2-cold: GB/s of the packed weight, HBM fraction, vs peft+bnb) -> bench_qlora_decode.csv; peft-kernels bench --ops lora_linear_4bit --providers peft,triton (M=4096 fwd+bwd/fwd/bwd, M=1) -> bench_qlora.csv"
+  "e2e_qlora|35|benchmarks/bench_e2e.py --device cuda --methods qlora --steps 3 (step time, peak memory, decode tokens/s vs PEFT+bnb) -> bench_e2e_qlora.csv"
+  "bench_ops|45|peft-kernels bench --ops lora_linear_int8,prefix_kv, then lora_linear no-grad-fwd and the reference providers -> bench_ops.csv"
+  "bench_prefix|35|benchmarks/bench_prefix.py --gpu --reps 3 (B=8, T=2048, P=32; 16/64-token decode; rows per mode) -> bench_prefix.csv"
+  "bench_int8|35|benchmarks/bench_lora_int8.py --quick --modes decode (W8A16 M=1 under CUDA graphs) -> bench_lora_int8.csv"
+  "bench_mixed|15|peft-kernels bench --ops lora_linear_mixed (8 adapters, M in {8,64,512}), then bench_mixed_serving.py -> bench_mixed_*.csv"
 )
 # The fast correctness pass: per op a handful of cases (Triton LoRA: headline dtypes with dropout, decode, an awkward
 # shape; int8; the CUDA extension; prefix K/V).
@@ -66,7 +70,7 @@ FAST_TESTS=(
 )
 REST_FILES=(tests/kernels/test_cuda_ext.py tests/kernels/test_triton_prefix.py tests/kernels/test_ops_prefix.py
   tests/kernels/test_triton_int8.py tests/kernels/test_ops_lora_int8.py tests/kernels/test_dropout.py
-  tests/kernels/test_ops_lora.py)
+  tests/kernels/test_triton_4bit.py tests/kernels/test_ops_lora.py)
 
 budget_of() {  # scaled timeout of a base budget, floored so the scaled steps never exceed --budget (min 1 s:
   local t=$(( $1 * BUDGET / 480 ))  # `timeout 0` would mean no timeout)
@@ -93,6 +97,9 @@ if [[ "$DRY" == 1 ]]; then
     "$PY" "$script" --dry-run > "$OUT/$(basename "$script" .py)_plan.txt" || { echo "$script --dry-run failed"; exit 1; }
     echo "ok: $script --dry-run"
   done
+  "$PY" benchmarks/bench_e2e.py --device cuda --methods qlora --steps 3 --dry-run > "$OUT/bench_e2e_qlora_plan.txt" \
+    || { echo "benchmarks/bench_e2e.py --dry-run failed"; exit 1; }
+  echo "ok: benchmarks/bench_e2e.py --dry-run (qlora)"
   "$PY" -c "from peft_kernels.bench.cases import select_cases as s; print(len(s('cuda', 'quick')), 'op cases')" \
     > "$OUT/bench_ops_plan.txt" || { echo "op suite plan failed"; exit 1; }
   echo "ok: peft-kernels bench plan ($(cat "$OUT/bench_ops_plan.txt"))"
@@ -153,6 +160,14 @@ deselect=()
 for t in "${FAST_TESTS[@]}"; do deselect+=(--deselect "$t"); done
 PEFT_KERNELS_AUTOTUNE=first run_step tests_rest tests_rest.log \
   "${PYTEST[@]}" -m gpu --junitxml="$OUT/tests_rest.xml" "${deselect[@]}" "${REST_FILES[@]}"
+# QLoRA (issue #14's GPU targets): fwd+bwd >= 1.15x and decode >= 2x PEFT+bnb, decode >= 70% of HBM bandwidth on the
+# packed weight bytes (the rows' GB/s; docs/GPU_READINESS.md has the estimates); the e2e step's peak shows whether an
+# N x K temporary exists.
+run_step bench_qlora bench_qlora.log bash -c "$PY -m peft_kernels.bench.qlora --out '$OUT/bench_qlora_decode.csv' \
+  && $PY -m peft_kernels.cli bench --device cuda --size quick --ops lora_linear_4bit --providers peft,triton \
+  --no-progress --out '$OUT/bench_qlora.csv' --plot ''"
+run_step e2e_qlora bench_e2e_qlora.log "$PY" benchmarks/bench_e2e.py --device cuda --methods qlora --steps 3 \
+  --decode-reps 2 --decode-tokens 16 --out "$OUT/bench_e2e_qlora.csv"
 run_step bench_ops bench_ops.log bash -c "$PY -m peft_kernels.cli bench --device cuda --size quick \
   --ops lora_linear_int8,prefix_kv --providers peft,reference,triton,cuda --no-progress --out '$OUT/bench_ops.csv' \
   --plot '' && $PY -m peft_kernels.cli bench --device cuda --size quick --ops lora_linear --modes no-grad-fwd \

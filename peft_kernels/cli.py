@@ -35,7 +35,26 @@ def _info(args) -> int:
             print(f"      {mark} {name:<10} {status}")
     aliases = ", ".join(f"{alias} = {target}" for alias, (target, _) in _dispatch.ALIASES.items())
     print(f"aliases (same table, weight_scale given): {aliases}")
+    print(f"lora_linear_4bit CPU decode: {_cpu_4bit_decoder()}")
     return 0
+
+
+def _cpu_4bit_decoder() -> str:
+    """The decoder the 4-bit CPU path uses: bnb's native kernel registers when bitsandbytes is imported (making a
+    4-bit weight imports it), so import it here when installed, to report what a 4-bit model would get."""
+    import importlib.util
+    import warnings
+
+    from .backends.reference.lora_4bit import cpu_decoder
+
+    try:
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import bitsandbytes  # noqa: F401 - registers its kernels
+    except Exception:  # absent or broken: the torch decode serves, and cpu_decoder says so
+        pass
+    return cpu_decoder()
 
 
 def main(argv=None) -> int:

@@ -80,3 +80,82 @@ class QLoraProblem(LinearProblem):
         self.inputs += [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
         self._peft_layer = layer
         return layer
+
+
+# ------------------------------------------------------------------------------ decode against HBM (GPU only)
+DECODE_SHAPE = LinearShape("llama3-8b", "q_proj", 1, 4096, 4096, 16)  # issue #14's decode target
+
+
+def packed_weight_bytes(s: LinearShape) -> int:
+    """Bytes of the 4-bit weight a decode call must read: N·K/2 codes + one uint8 nested scale per 64 elements."""
+    return s.N * s.K // 2 + s.N * s.K // 64
+
+
+def decode_hbm_rows(device: torch.device, providers=("peft", "triton"), shape: LinearShape = DECODE_SHAPE) -> list:
+    """Per provider: (provider, p50/p20/p80 µs per call, GB/s of the packed weight, fraction of the GPU's HBM peak,
+    timer). One CUDA graph of many no-grad calls (``measure.cuda_graph_times``: launch overhead does not count)
+    rotating over ``measure.l2_cold_copies`` copies of the weights, so the bytes come from HBM; eager timing where
+    capture fails (the timer column says which). Issue #14's target: triton ≥ 70% of HBM and ≥ 2x peft."""
+    import itertools
+
+    from . import measure, mode_fn
+
+    case = Case("lora_linear_4bit", "no-grad-fwd", shape)
+    weight_bytes = packed_weight_bytes(shape)
+    copies = measure.l2_cold_copies(weight_bytes, device)
+    _, peak_bw = measure.device_peaks(measure.device_name(device))
+    rows = []
+    for provider in providers:
+        try:
+            problems = [QLoraProblem(case, device) for _ in range(copies)]
+            # mode_fn pins the provider's backend and runs under no_grad, as the op rows do.
+            calls = itertools.cycle([mode_fn(problem, provider, "no-grad-fwd")[1] for problem in problems])
+        except Unavailable as exc:
+            rows.append((provider, None, None, None, None, None, f"unavailable: {exc}"))
+            continue
+
+        def fn(calls=calls):
+            return next(calls)()
+
+        try:
+            seconds, timer = measure.cuda_graph_times(fn, device), "cudagraph"
+        except Exception as exc:  # capture failed (a host sync): eager timing, labelled
+            seconds, timer = [measure.time_once(fn, device) for _ in range(50)], f"eager ({type(exc).__name__})"
+        p50, p20, p80 = measure.quantiles(seconds)
+        gbps = weight_bytes / p50 / 1e9
+        rows.append(
+            (provider, p50 * 1e6, p20 * 1e6, p80 * 1e6, gbps, gbps * 1e9 / peak_bw if peak_bw else None, timer)
+        )
+    return rows
+
+
+def main(argv=None) -> int:
+    """``python -m peft_kernels.bench.qlora [--out CSV]``: the decode HBM rows on the CUDA device."""
+    import argparse
+    import csv
+
+    parser = argparse.ArgumentParser(description=decode_hbm_rows.__doc__)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode HBM rows need a CUDA device (torch.cuda.is_available() is False)")
+        return 1
+    device = torch.device("cuda")
+    rows = decode_hbm_rows(device)
+    fields = ("provider", "p50_us", "p20_us", "p80_us", "packed_weight_gbps", "hbm_fraction", "timer")
+    base = next((r[1] for r in rows if r[0] == "peft" and r[1]), None)
+    print(f"{torch.cuda.get_device_name(device)}: lora_linear_4bit decode M=1 K=N=4096 r=16 bf16 (NF4 nested)")
+    for row in rows:
+        vs = f"{base / row[1]:.2f}x vs peft" if base and row[1] else ""
+        print("  " + "  ".join("" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v) for v in row), vs)
+    if args.out:
+        with open(args.out, "a", newline="") as f:
+            writer = csv.writer(f)
+            if f.tell() == 0:
+                writer.writerow(("device", *fields))
+            writer.writerows((torch.cuda.get_device_name(device), *row) for row in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

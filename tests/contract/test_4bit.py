@@ -204,3 +204,33 @@ def test_bnb_cpu_repacked_layout_is_read():
     with torch.no_grad():
         layer.eval()
         assert_close(layer(x), before, QLORA_REPACK, "repacked layout vs the standard one")
+
+
+@pytest.mark.oracle
+def test_patch_peft_covers_peft_built_4bit_models(model_dirs):
+    """After ``patch_peft()``, a QLoRA model built by plain peft runs our 4-bit op, with peft's outputs."""
+    import peft
+
+    from peft_kernels import ops
+
+    expected_model, family = make_pair(model_dirs, "opt-nf4-nested", peft)
+    inputs = make_inputs(family)
+    with torch.no_grad():
+        expected = logits_of(expected_model(**inputs))
+    assert pk.patch_peft()
+    try:
+        model, _ = make_pair(model_dirs, "opt-nf4-nested", peft)  # same seed: the same adapter weights
+    finally:
+        pk.unpatch_peft()
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(isinstance(m, peft.tuners.lora.LoraLayer) for m in layers)
+    calls = []
+    real = ops.lora_linear_4bit_multi
+    ops.lora_linear_4bit_multi = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        with torch.no_grad():
+            got = logits_of(model(**inputs))
+    finally:
+        ops.lora_linear_4bit_multi = real
+    assert len(calls) == len(layers)
+    assert_close(got, expected, FP32_SAME_MATH, "patch_peft() 4-bit vs PEFT+bnb")

@@ -10,10 +10,9 @@ import itertools
 import pytest
 import torch
 from _tolerances import assert_close_to_ref, truth_dtype
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_kernels.backends.reference import lora_4bit as ref4
+from peft_kernels.bench.measure import cpu_allocations
 from peft_kernels.ops import lora_linear, lora_linear_4bit, quant_operands
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
@@ -53,6 +52,40 @@ def test_decode_is_bnb_bit_for_bit(fmt, dtype):
             assert torch.equal(got, expected[r0:r1]), (n, k, r0, r1)
 
 
+# Even K (bnb's native kernel needs it), with whether the backward's column chunks serve it: K = 2048 (one column of
+# blocks fits 1/8), K = 128 (it does not: row chunks), K = 70 and 96 (blocks cross rows: row chunks on a block
+# boundary), a partial last block.
+NATIVE_SHAPES = [((24, 2048), True), ((96, 128), False), ((130, 70), False), ((130, 96), False)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_chunk_decode_is_the_torch_decode_bit_for_bit(fmt, dtype, monkeypatch):
+    """The CPU path's chunks from bnb's native kernel (row chunks, column chunks) equal the torch decode's."""
+    if not ref4._native_kernel_registered():
+        pytest.skip("bitsandbytes has no native CPU dequantize_4bit kernel here: only the torch decode runs")
+    assert "native" in ref4.cpu_decoder()
+    monkeypatch.setattr(ref4, "MIN_CHUNK_ELEMENTS", 1)  # several chunks even at these sizes
+    quant_type, nested, blocksize, storage = fmt
+    torch.manual_seed(4)
+    for (n, k), by_columns in NATIVE_SHAPES:
+        if storage != torch.uint8 and -(-n * k // 2) % storage.itemsize:
+            continue
+        packed, state = _quantize(torch.randn(n, k, dtype=dtype), quant_type, nested, blocksize, storage)
+        quant = ref4._quant(*quant_operands(packed, state))
+        assert ref4._native_quant_type(quant[5], k, dtype) == quant_type
+        expected = ref4.dequantize_4bit(*quant, dtype=dtype)  # the spec (torch decode), bnb's bit for bit above
+        rows = list(ref4._row_chunks(quant, dtype))
+        assert len(rows) > 1 and torch.equal(torch.cat([w for _, _, w in rows]), expected), (n, k)
+        columns = ref4._column_chunks(quant, dtype, 0)
+        assert (columns is not None) == by_columns, (n, k)
+        if by_columns:
+            columns = list(columns)
+            assert len(columns) > 1 and torch.equal(torch.cat([w for _, _, w in columns], 1), expected), (n, k)
+    # A table that is neither bnb's NF4 nor FP4 goes to the torch decode.
+    assert ref4._native_quant_type(quant[5] * 0.5, k, dtype) is None
+
+
 @pytest.mark.slow  # bnb decodes odd K with a torch.compile'd fallback: ~12 s of compilation on 2 cores
 def test_decode_odd_k_and_odd_element_count():
     """K odd and N·K odd: the last byte holds one element (bnb's fallback decode)."""
@@ -62,8 +95,9 @@ def test_decode_odd_k_and_odd_element_count():
     assert torch.equal(ref4.dequantize_4bit(*quant_operands(packed, state), dtype=torch.float32), expected)
 
 
-# (M, K, N, r): decode row, K not a multiple of the blocksize, N ≥ 64 (several chunks), r = 1.
-OP_SHAPES = {"m1": (1, 96, 70, 8), "m7_k70": (7, 70, 130, 1), "m33": (33, 200, 64, 16)}
+# (M, K, N, r): decode row, K not a multiple of the blocksize, N ≥ 64 (several chunks), r = 1, a backward on column
+# chunks (K = 2048).
+OP_SHAPES = {"m1": (1, 96, 70, 8), "m7_k70": (7, 70, 130, 1), "m33": (33, 200, 64, 16), "m5_k2048": (5, 2048, 24, 4)}
 
 
 def _op_inputs(shape_id, dtype, quant_type="nf4", nested=True, bias=True):
@@ -132,56 +166,30 @@ def test_op_dropout_matches_16bit_op_on_the_dequantized_weight():
     assert not torch.equal(results[0][0], lora_linear(inp["x"], w_deq, inp["bias"], inp["lora_a"], inp["lora_b"], 2.0))
 
 
-class _PeakLiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors ops create inside the block that are alive at once (every op's outputs,
-    tracked by storage until freed). Lighter than the profiler's memory timeline (seconds per call on the shared
-    CI box) and enough here: a dequantized N×K weight would be some op's output."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # backward on row chunks, on column chunks
+def test_cpu_path_never_builds_the_dequantized_weight(dtype):
+    """Extra peak of one forward + backward ≤ 1/8 of the dequantized weight's bytes, beyond activations.
 
-    def __init__(self, existing):
-        super().__init__()
-        self.existing = {t.untyped_storage().data_ptr() for t in existing}  # views of these are not new bytes
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                if storage.data_ptr() in self.existing:
-                    continue
-                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
-        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
-        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
-        return out
-
-
-def test_cpu_path_never_builds_the_dequantized_weight():
-    """Extra peak of one forward + backward ≤ 1/8 of the dequantized weight's bytes, beyond activations."""
+    Measured with the profiler's allocator timeline, which sees the allocations inside the registered op (a
+    TorchDispatchMode sees only the op's outputs)."""
     torch.manual_seed(3)
     m, k, n, r = 4, 1024, 4096, 8  # N·K = 4M elements: where the 1/8 bound starts (chunk_rows' floor)
-    packed, state = _quantize(torch.randn(n, k, dtype=torch.bfloat16), "nf4", nested=True)
-    x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
-    a = (torch.randn(r, k) * 0.01).to(torch.bfloat16).requires_grad_()
-    b = torch.zeros(n, r, dtype=torch.bfloat16, requires_grad=True)
+    packed, state = _quantize(torch.randn(n, k, dtype=dtype), "nf4", nested=True)
+    x = torch.randn(m, k, dtype=dtype, requires_grad=True)
+    a = (torch.randn(r, k) * 0.01).to(dtype).requires_grad_()
+    b = torch.zeros(n, r, dtype=dtype, requires_grad=True)
 
-    existing = [x, a, b, packed, *vars(state).values(), *vars(state.state2).values()]
-    existing = [t for t in existing if isinstance(t, torch.Tensor)]
+    def peak(fn):
+        return cpu_allocations(lambda: fn().sum().backward())[1]
 
-    def step(fn):
-        with _PeakLiveBytes(existing) as tracker:
-            fn().sum().backward()
-        return tracker.peak
-
-    dequantized_bytes = n * k * torch.bfloat16.itemsize
-    peak_4bit = step(lambda: lora_linear_4bit(x, packed, state, None, a, b, 1.0))
+    dequantized_bytes = n * k * dtype.itemsize
+    peak_4bit = peak(lambda: lora_linear_4bit(x, packed, state, None, a, b, 1.0))
     # The 16-bit op on a weight that already exists: its peak is the activations' (y, dY, dx, fp32 copies).
     w_deq = bnb_functional.dequantize_4bit(packed, state)
-    existing.append(w_deq)
-    peak_16bit = step(lambda: lora_linear(x, w_deq, None, a, b, 1.0))
+    peak_16bit = peak(lambda: lora_linear(x, w_deq, None, a, b, 1.0))
     assert peak_4bit - peak_16bit <= dequantized_bytes / 8, (peak_4bit, peak_16bit, dequantized_bytes)
-    # The tracker sees a dequantized weight when one is made (bnb's own path makes it): the test can fail.
-    peak_bnb = step(lambda: torch.nn.functional.linear(x, bnb_functional.dequantize_4bit(packed, state).to(x.dtype)))
+    # The measurement sees a dequantized weight when one is made (bnb's own path makes it): the test can fail.
+    peak_bnb = peak(lambda: torch.nn.functional.linear(x, bnb_functional.dequantize_4bit(packed, state).to(dtype)))
     assert peak_bnb >= dequantized_bytes
 
 

@@ -90,6 +90,20 @@ def run(mod, inp, x_dtype=None, a_dtype=None, quant=None) -> dict:
     return {"y": y, "S": s, "dx": dx, "dA": d_a, "dB": d_b}
 
 
+def _truth(inp, w_deq, acc, case):
+    """The reference's LoRA half in acc on a dense W (lora.py's reference with the base product upcast)."""
+    from peft_kernels.backends.reference import lora as ref16
+
+    x, dy = inp["x"].to(acc), inp["dy"].to(acc)
+    bias = inp["bias"].to(acc) if inp["bias"] is not None else None
+    a, b = inp["a"].to(acc), inp["b"].to(acc)
+    bb = inp["bb"].to(acc) if inp["bb"] is not None else None
+    p = 0.1 if inp["seeds"] is not None else 0.0
+    y, (s,) = ref16.lora_linear_fwd(x, w_deq, bias, [a], [b], [bb], [1.5], [p], inp["seeds"])
+    dx, (d_a,), (d_b,) = ref16.lora_linear_bwd(dy, x, w_deq, [a], [b], [s], [1.5], [p], inp["seeds"], [True, True])
+    return {"y": y, "S": s, "dx": dx, "dA": d_a, "dB": d_b}
+
+
 if not INTERPRETING:
 
     @pytest.mark.interpret
@@ -97,6 +111,38 @@ if not INTERPRETING:
         """Runs this file's interpreter checks in a child pytest with TRITON_INTERPRET=1 set before import."""
         pytest.importorskip("triton")
         run_interpreter_suite(__file__, timeout=900, PEFT_KERNELS_CPU_DROPOUT="philox")
+
+    # On a GPU: the headline shapes of issue #14 (bf16, fp32 adapters, dropout) and the decode GEMV, plus the awkward
+    # interpreter cases, against the reference on the same device.
+    GPU_CASES = (
+        Case("llama-q-4096-r16-bf16-fp32adapters-p0.1", 4096, 4096, 4096, 16, torch.bfloat16, p=0.1,
+             a_dtype=torch.float32),
+        Case("decode-1x4096x4096-r16-bf16", 1, 4096, 4096, 16, torch.bfloat16),
+        *CASES,
+    )  # fmt: skip
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("case", GPU_CASES, ids=str)
+    def test_gpu_kernels_match_reference_cuda(case):
+        from peft_kernels.backends.reference import lora_4bit as ref4
+        from peft_kernels.backends.triton import lora_4bit as tri4
+
+        inp = make_inputs(case)
+        inp = {k: _to_cuda(v) for k, v in inp.items()}
+        out, eager = run(tri4, inp), run(ref4, inp)
+        acc = truth_dtype(case.dtype)
+        truth = _truth(inp, ref4.dequantize_4bit(*inp["quant"], dtype=case.dtype).to(acc), acc, case)
+        for name in ("y", "S", "dx", "dA", "dB"):
+            dtype = case.dtype if name in ("y", "dx") else (case.a_dtype or case.dtype)
+            assert out[name].dtype == eager[name].dtype, name
+            assert_close_to_ref(out[name], eager[name], truth[name], dtype, f"{case}: {name}")
+
+    def _to_cuda(value):
+        if isinstance(value, torch.Tensor):
+            return value.cuda()
+        if isinstance(value, tuple):  # the Quant4bit operands
+            return type(value)(*(_to_cuda(v) for v in value))
+        return value
 
     def test_cpu_tensors_need_the_interpreter():
         """Without TRITON_INTERPRET the Triton 4-bit ops decline CPU tensors with a reason naming the device."""
@@ -134,19 +180,6 @@ else:
             dtype = case.dtype if name in ("y", "dx") else (case.a_dtype or case.dtype)
             assert out[name].dtype == eager[name].dtype, name
             assert_close_to_ref(out[name], eager[name], truth[name], dtype, f"{case}: {name}")
-
-    def _truth(inp, w_deq, acc, case):
-        """The reference's LoRA half in acc on a dense W (lora.py's reference with the base product upcast)."""
-        from peft_kernels.backends.reference import lora as ref16
-
-        x, dy = inp["x"].to(acc), inp["dy"].to(acc)
-        bias = inp["bias"].to(acc) if inp["bias"] is not None else None
-        a, b = inp["a"].to(acc), inp["b"].to(acc)
-        bb = inp["bb"].to(acc) if inp["bb"] is not None else None
-        p = 0.1 if inp["seeds"] is not None else 0.0
-        y, (s,) = ref16.lora_linear_fwd(x, w_deq, bias, [a], [b], [bb], [1.5], [p], inp["seeds"])
-        dx, (d_a,), (d_b,) = ref16.lora_linear_bwd(dy, x, w_deq, [a], [b], [s], [1.5], [p], inp["seeds"], [True, True])
-        return {"y": y, "S": s, "dx": dx, "dA": d_a, "dB": d_b}
 
     def test_ops_autograd_with_backend_triton():
         case = CASES[3]

@@ -18,28 +18,56 @@ bit for bit bnb's and so is their rounding (tests/kernels/test_ops_lora_4bit.py 
 Semantics: y = x·W_deqᵀ + b, then the LoRA terms exactly as ``lora.py``; backward dx = dY·W_deq + LoRA terms.
 Neither the codes nor the scales receive a gradient.
 
-Memory: the weight is decoded in chunks of output rows (``chunk_rows``), each used once and dropped, so no N×K
-dequantized tensor exists: the forward writes y[:, rows] per chunk, the backward accumulates dY[:, rows]·W[rows]
-into dx. A chunk costs ≈ 10 bytes per element while it lives (int32 byte indices 2, fp32 values 4, the x-dtype copy
-2-4, the fp32 copy for a 16-bit backward 4); with ``N // 64`` rows per chunk that is ≤ 1/8 of the dequantized
-weight's bytes. Chunks hold at least 65536 elements (``chunk_rows``), so the 1/8 bound holds from N·K ≥ 4M
-elements (a 2048×2048 projection) and smaller weights cost at most ~640 KB extra (measured in the tests).
+Memory: the weight is decoded in chunks, each used once and dropped, so no N×K dequantized tensor exists. The
+forward decodes row chunks W[rows] and writes y[:, rows] in place (no M×rows temporary); the backward decodes
+column chunks W[:, cols] (whole blocks of every row) and writes dx[:, cols] = dY·W[:, cols], one GEMM over the
+full N, or, where those do not fit or bnb's kernel is absent, accumulates dY[:, rows]·W[rows] into dx. A chunk's
+live bytes (``chunk_budget``) plus the fp32 block scales, decoded once per call, stay ≤ 1/8 of the dequantized
+weight's bytes; chunks hold at least ``MIN_CHUNK_ELEMENTS`` (128k) elements, so that bound holds from N·K ≥ 4M
+elements (a 2048×2048 projection) and smaller weights may exceed it by at most ~0.8 MB (128k elements × 6 bytes).
+
+Decoders (``cpu_decoder`` names the one a call uses): this file's torch decode is the spec and the fallback.
+When bitsandbytes has registered its native CPU kernel ``torch.ops.bitsandbytes.dequantize_4bit`` (it has, once
+bitsandbytes is imported, which making a 4-bit weight needs) and the code table is bnb's NF4 or FP4, K is even
+and x is fp16/bf16/fp32, each chunk is decoded by that kernel instead: ~10x faster than the torch decode, and
+bit for bit the same (tests/kernels/test_ops_lora_4bit.py). bnb's blocks run over the flattened weight, so those
+chunks start on a block boundary (a multiple of blocksize / gcd(K, blocksize) rows).
 """
 
 from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Iterator
 
 import torch
 
 from .lora import _acc_dtype, add_lora_bwd, add_lora_fwd
 
-# Rows decoded at once: N // CHUNK_DIVISOR, but at least MIN_CHUNK_ELEMENTS elements (each chunk costs a few torch
-# calls, ~50 µs on CPU, so tiny chunks of small weights would cost more than the decode itself).
-CHUNK_DIVISOR = 64
-MIN_CHUNK_ELEMENTS = 1 << 16
+# Elements decoded at once at least: each chunk costs a few calls (~50-80 µs on a CPU), so tiny chunks of small
+# weights would cost more than the decode itself.
+MIN_CHUNK_ELEMENTS = 1 << 17
+# Chunks of a multiple of this many rows (or columns) where they hold that many: MKL's sgemm on a 256×768 x
+# against a 77-row chunk ran 13% slower than against an 80-row one (one CPU thread, measured).
+GEMM_ROW_MULTIPLE = 16
+# Live bytes per element of a chunk beyond the decoded values (dtype bytes): the torch decode's int32 byte indices
+# (2) and fp32 values (4), bnb's native kernel nothing.
+_DECODE_OVERHEAD = {"torch": 6, "bitsandbytes": 0}
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def chunk_rows(n_rows: int, k: int) -> int:
-    return min(n_rows, max(1, n_rows // CHUNK_DIVISOR, MIN_CHUNK_ELEMENTS // max(k, 1)))
+def chunk_budget(n_rows: int, k: int, weight_itemsize: int, blocksize: int) -> int:
+    """Bytes a chunk may hold: 1/8 of the dequantized weight's, less the fp32 block scales decoded once per call."""
+    return n_rows * k * weight_itemsize // 8 - 4 * -(-n_rows * k // blocksize)
+
+
+def chunk_rows(n_rows: int, k: int, bytes_per_element: int, budget: int, row_multiple: int = 1) -> int:
+    """Rows per chunk: rows·K·bytes_per_element ≤ budget, at least MIN_CHUNK_ELEMENTS elements (small weights), a
+    multiple of ``row_multiple`` (chunks that start on a bnb block)."""
+    rows = max(budget // (k * bytes_per_element), MIN_CHUNK_ELEMENTS // max(k, 1), 1)
+    if rows >= GEMM_ROW_MULTIPLE:  # GEMM-friendly chunks: 77-row chunks ran 0.81x of one GEMM, 80-row 0.93x
+        row_multiple = math.lcm(row_multiple, GEMM_ROW_MULTIPLE)
+    return min(n_rows, max(row_multiple, rows // row_multiple * row_multiple))
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -54,15 +82,33 @@ def block_scales(
     nested_code: torch.Tensor | None,
     offset: torch.Tensor | None,
     nested_blocksize: int,
-    start: int,
-    end: int,
+    start: int = 0,
+    end: int | None = None,
 ) -> torch.Tensor:
-    """absmax_fp32[start:end] (fp32): the stored scales, or bnb's nested decode of them (module docstring)."""
+    """absmax_fp32[start:end] (fp32): the stored scales, or bnb's nested decode of them (module docstring).
+
+    Nested: decoded from the nested block holding ``start`` on, in place (8 bytes per scale while it runs)."""
+    end = absmax.numel() if end is None else end
     if nested_absmax is None:
-        return absmax[start:end].to(torch.float32)
-    q = absmax[start:end].view(torch.uint8).long()
-    groups = torch.arange(start, end, device=absmax.device) // nested_blocksize
-    return (nested_code[q] * nested_absmax[groups]).add_(offset)
+        return absmax.reshape(-1)[start:end].to(torch.float32)
+    g0 = start // nested_blocksize * nested_blocksize
+    scales = nested_code[absmax.reshape(-1)[g0:end].view(torch.uint8).int()]  # fp32
+    full = (end - g0) // nested_blocksize * nested_blocksize
+    groups = nested_absmax[g0 // nested_blocksize :]
+    scales[:full].view(-1, nested_blocksize).mul_(groups[: full // nested_blocksize, None])
+    if full < end - g0:  # the last, partial nested block
+        scales[full:].mul_(groups[full // nested_blocksize])
+    return scales.add_(offset)[start - g0 :]
+
+
+def _decode_span(data, scales, table, blocksize, first, last, dtype) -> torch.Tensor:
+    """Elements [first, last) (first on a block boundary) in ``dtype``: data = their bytes, scales = their blocks'."""
+    values = table[data.int()].reshape(-1)[: last - first]  # fp32, 4 bytes per element
+    full = (last - first) // blocksize * blocksize
+    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
+    if full < last - first:  # the weight's last, partial block
+        values[full:].mul_(scales[full // blocksize])
+    return values.to(dtype)
 
 
 def decode_4bit_rows(
@@ -86,18 +132,13 @@ def decode_4bit_rows(
     """
     n_rows, k = shape
     row_end = n_rows if row_end is None else row_end
-    n = n_rows * k
     e0, e1 = row_start * k, row_end * k
     b0, b1 = e0 // blocksize, -(-e1 // blocksize)
-    first, last = b0 * blocksize, min(b1 * blocksize, n)  # decoded element range
+    first, last = b0 * blocksize, min(b1 * blocksize, n_rows * k)  # decoded element range
     data = packed.reshape(-1).view(torch.uint8)[first // 2 : -(-last // 2)]
-    values = _pair_table(code)[data.int()].reshape(-1)[: last - first]  # fp32, 4 bytes per element
     scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, b0, b1)
-    full = (last - first) // blocksize * blocksize
-    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
-    if full < last - first:  # the weight's last, partial block
-        values[full:].mul_(scales[-1])
-    return values[e0 - first : e1 - first].view(row_end - row_start, k).to(dtype)
+    values = _decode_span(data, scales, _pair_table(code), blocksize, first, last, dtype)
+    return values[e0 - first : e1 - first].view(row_end - row_start, k)
 
 
 def dequantize_4bit(*quant, dtype: torch.dtype) -> torch.Tensor:
@@ -105,30 +146,163 @@ def dequantize_4bit(*quant, dtype: torch.dtype) -> torch.Tensor:
     return decode_4bit_rows(*quant, dtype)
 
 
-def _base_forward(x, quant, bias) -> torch.Tensor:
-    """y = x·W_deqᵀ + b, (M, N) in x's dtype, one row chunk of W alive at a time."""
-    n_rows = quant[-1][0]
-    y = x.new_empty((x.shape[0], n_rows))
-    step = chunk_rows(n_rows, quant[-1][1])
+def _native_quant_type(code: torch.Tensor, k: int, dtype: torch.dtype) -> str | None:
+    """ "nf4" / "fp4" where bitsandbytes' registered native CPU kernel can decode this weight, else None."""
+    if code.device.type != "cpu" or dtype not in _NATIVE_DTYPES or k % 2:
+        return None
+    if not _native_kernel_registered():
+        return None  # bitsandbytes not imported, or its native library did not load (then no CPU kernel)
+    for quant_type, table in _bnb_tables().items():
+        if torch.equal(code, table):
+            return quant_type
+    return None  # a custom code table: only the torch decode reads it
+
+
+def _native_kernel_registered() -> bool:
+    """bitsandbytes registered a CPU kernel of its dequantize_4bit op (it does on import when its native library
+    loads)."""
+    global _native_registered
+    if not _native_registered:  # once registered, it stays: the lookup (~60 µs) is paid until then only
+        try:
+            _native_registered = torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", "CPU")
+        except RuntimeError:  # the op does not exist: bitsandbytes not imported
+            return False
+    return _native_registered
+
+
+_native_registered = False
+
+
+@functools.cache
+def _bnb_tables() -> dict[str, torch.Tensor]:
+    """bnb's NF4 and FP4 code tables, read once (building them costs ~40 µs a call)."""
+    import bitsandbytes.functional as bnb_functional  # already imported: it registered the native kernel
+
+    return {name: bnb_functional.get_4bit_type(name, device="cpu") for name in ("nf4", "fp4")}
+
+
+def cpu_decoder() -> str:
+    """Which decoder the CPU path uses now, in words (``peft-kernels info``)."""
+    if _native_kernel_registered():
+        return (
+            "bitsandbytes' native dequantize_4bit kernel, row chunks forward and column chunks backward (bnb's NF4 "
+            "or FP4 table, even K, fp16/bf16/fp32 x; the torch decode otherwise)"
+        )
+    return "torch decode (the spec): bitsandbytes is not importable or has no native CPU kernel"
+
+
+def _call_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, native: bool) -> torch.Tensor:
+    """All block scales in fp32, once per call: ``block_scales``, or with ``native`` bnb's own nested decode (its
+    CPU dequantize_blockwise kernel, then + offset: the same fp32 operations in one call, not ~8 torch ops)."""
+    if not native or nested_absmax is None:
+        return block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    codes = absmax.reshape(-1).view(torch.uint8)
+    dequantize = torch.ops.bitsandbytes.dequantize_blockwise
+    return dequantize(codes, nested_absmax, nested_code, nested_blocksize, torch.float32).add_(offset)
+
+
+def _row_chunks(quant, dtype: torch.dtype, extra_bytes: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(r0, r1, W[r0:r1] in dtype) over the weight, in chunks sized by ``chunk_rows``; ``extra_bytes`` per element:
+    what the caller adds per chunk element (the backward's fp32 copy). Block scales are decoded once per call.
+    The caller drops each chunk before the next (a held chunk would double the peak)."""
+    packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, shape = quant
+    n_rows, k = shape
+    data = packed.reshape(-1).view(torch.uint8)
+    quant_type = _native_quant_type(code, k, dtype)
+    scales = _call_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, quant_type is not None)
+    decoder = "torch" if quant_type is None else "bitsandbytes"
+    row_multiple = 1 if quant_type is None else blocksize // math.gcd(k, blocksize)
+    per_element = dtype.itemsize + _DECODE_OVERHEAD[decoder] + extra_bytes
+    step = chunk_rows(n_rows, k, per_element, chunk_budget(n_rows, k, dtype.itemsize, blocksize), row_multiple)
+    decode: Callable[[int, int], torch.Tensor]
+    if quant_type is not None:
+        native = torch.ops.bitsandbytes.dequantize_4bit
+
+        def decode(r0: int, r1: int) -> torch.Tensor:  # r0·K on a block boundary: bnb's blocks line up
+            e0, e1 = r0 * k, r1 * k
+            blocks = scales[e0 // blocksize : -(-e1 // blocksize)]
+            return native(data[e0 // 2 : e1 // 2], blocks, blocksize, quant_type, [r1 - r0, k], dtype)
+    else:
+        table = _pair_table(code)
+
+        def decode(r0: int, r1: int) -> torch.Tensor:
+            e0, e1 = r0 * k, r1 * k
+            b0, b1 = e0 // blocksize, -(-e1 // blocksize)
+            first, last = b0 * blocksize, min(b1 * blocksize, n_rows * k)
+            span = data[first // 2 : -(-last // 2)]
+            values = _decode_span(span, scales[b0:b1], table, blocksize, first, last, dtype)
+            return values[e0 - first : e1 - first].view(r1 - r0, k)
+
     for r0 in range(0, n_rows, step):
         r1 = min(r0 + step, n_rows)
-        w = decode_4bit_rows(*quant, x.dtype, r0, r1)
-        b = bias[r0:r1] if bias is not None else None
-        y[:, r0:r1] = torch.nn.functional.linear(x, w, b)
+        yield r0, r1, decode(r0, r1)
+
+
+def _base_forward(x, quant, bias) -> torch.Tensor:
+    """y = x·W_deqᵀ + b, (M, N) in x's dtype, one row chunk of W alive at a time, written into y's columns."""
+    n_rows = quant[-1][0]
+    y = x.new_empty((x.shape[0], n_rows))
+    if bias is not None:
+        y.copy_(bias)
+    for r0, r1, w in _row_chunks(quant, x.dtype):
+        out = y[:, r0:r1]  # (M, rows) with row stride N: BLAS writes it in place
+        if bias is not None:
+            out.addmm_(x, w.t())
+        else:
+            torch.mm(x, w.t(), out=out)
+        del w, out
     return y
 
 
+def _column_chunks(quant, dtype: torch.dtype, extra_bytes: int) -> Iterator[tuple[int, int, torch.Tensor]] | None:
+    """(c0, c1, W[:, c0:c1] in dtype) in chunks of whole blocks of every row, by bnb's native kernel; None where it
+    cannot (K not a multiple of the blocksize, or no native kernel): then the backward takes row chunks.
+
+    Why: dx[:, c0:c1] = dY·W[:, c0:c1] is one GEMM with the full inner dimension N, where row chunks add partial
+    products into dx (measured 0.7x of one GEMM at 64-row chunks of 768×768 on one CPU thread)."""
+    packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, shape = quant
+    n_rows, k = shape
+    quant_type = _native_quant_type(code, k, dtype)
+    if quant_type is None or k % blocksize:
+        return None
+    data = packed.reshape(-1).view(torch.uint8).view(n_rows, k // 2)
+    scales = _call_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, True)
+    scales = scales.view(n_rows, k // blocksize)
+    # Per element: the decoded value, its gathered code byte half and block scale (< 1 byte), the caller's extra.
+    per_element = dtype.itemsize + 1 + extra_bytes
+    budget = chunk_budget(n_rows, k, dtype.itemsize, blocksize)
+    step = chunk_rows(k, n_rows, per_element, budget, blocksize)
+    if step * n_rows * per_element > max(budget, MIN_CHUNK_ELEMENTS * per_element):
+        return None  # one column of blocks is over the budget: row chunks fit it
+    native = torch.ops.bitsandbytes.dequantize_4bit
+
+    def chunks():
+        for c0 in range(0, k, step):
+            c1 = min(c0 + step, k)
+            codes = data[:, c0 // 2 : c1 // 2].contiguous()  # (N, cols/2): rows of whole blocks, back to back
+            blocks = scales[:, c0 // blocksize : c1 // blocksize].contiguous()
+            yield c0, c1, native(codes, blocks, blocksize, quant_type, [n_rows, c1 - c0], dtype)
+
+    return chunks()
+
+
 def _base_backward(dy, x, quant) -> torch.Tensor:
-    """dx = dY·W_deq, (M, K) in x's dtype; chunks accumulate in promote_types(x.dtype, fp32), rounded once."""
-    n_rows = quant[-1][0]
+    """dx = dY·W_deq, (M, K) in x's dtype, accumulated in promote_types(x.dtype, fp32) and rounded once; W_deq is
+    rounded to x's dtype first (the forward's), then widened. Column chunks where bnb's kernel decodes them."""
     acc = _acc_dtype(x.dtype)
+    extra = acc.itemsize if acc != x.dtype else 0
+    dy_acc = dy.to(acc)
+    columns = _column_chunks(quant, x.dtype, extra)
+    if columns is not None:
+        dx = dy.new_empty((dy.shape[0], x.shape[1]), dtype=acc)
+        for c0, c1, w in columns:
+            torch.mm(dy_acc, w.to(acc), out=dx[:, c0:c1])  # a strided slice: the GEMM writes it in place
+            del w
+        return dx.to(x.dtype)
     dx = torch.zeros((dy.shape[0], x.shape[1]), dtype=acc, device=dy.device)
-    step = chunk_rows(n_rows, quant[-1][1])
-    for r0 in range(0, n_rows, step):
-        r1 = min(r0 + step, n_rows)
-        # Rounded to x's dtype first (the forward's W_deq), then widened for the fp32 accumulation.
-        w = decode_4bit_rows(*quant, x.dtype, r0, r1).to(acc)
-        dx.addmm_(dy[:, r0:r1].to(acc), w)
+    for r0, r1, w in _row_chunks(quant, x.dtype, extra):
+        dx.addmm_(dy_acc[:, r0:r1], w.to(acc))
+        del w
     return dx.to(x.dtype)
 
 
