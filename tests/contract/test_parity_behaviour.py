@@ -160,6 +160,20 @@ def test_unload_returns_the_original_module_when_its_copy_is_inactive():
     assert torch.equal(results[1], results[0]) and torch.equal(results[1], _mlp()[2].weight)
 
 
+def test_unload_inside_disable_adapter_returns_the_active_copy():
+    """PEFT unwraps modules_to_save by the active adapter, enabled or not: inside disable_adapter() unload()
+    keeps the trained copy (here made to differ from the original)."""
+    results = []
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], modules_to_save=["2"]))
+        with torch.no_grad():
+            model.base_model.model[2].modules_to_save["default"].weight.add_(1.0)
+        with model.disable_adapter():
+            unloaded = model.unload()
+        results.append(unloaded[2].weight.detach().clone())
+    assert torch.equal(results[1], results[0]) and torch.equal(results[1], _mlp()[2].weight + 1.0)
+
+
 def test_ignore_mismatched_sizes_is_honoured_like_peft(tmp_path):
     results = []
     for lib in _libs():
