@@ -237,3 +237,29 @@ def test_prompt_learning_without_task_type_names_it(config_cls):
     with pytest.raises(ValueError, match=r"needs a task_type \(one of .*CAUSAL_LM.*\), got task_type=None"):
         pk.get_peft_model(base, config)
     assert config.base_model_name_or_path is None and not hasattr(base, "peft_config")
+
+
+def test_low_cpu_mem_usage_puts_new_adapter_weights_on_meta_until_loaded(tmp_path):
+    """PEFT: injected with low_cpu_mem_usage=True the adapter weights are on meta (nothing allocated); loading a
+    checkpoint with it fills them, and the model then computes what the saved one did."""
+    peft = pytest.importorskip("peft")
+    x = torch.randn(3, 4)
+    trained = peft.get_peft_model(_mlp(), peft.LoraConfig(target_modules=["0", "2"], init_lora_weights=False))
+    trained.save_pretrained(tmp_path)
+    expected = trained(x)
+    devices, outputs = [], []
+    for lib in _libs():
+        injected = lib.inject_adapter_in_model(
+            lib.LoraConfig(target_modules=["0", "2"]), _mlp(), low_cpu_mem_usage=True
+        )
+        devices.append(sorted((n, p.device.type) for n, p in injected.named_parameters()))
+        model = lib.PeftModel.from_pretrained(_mlp(), tmp_path, low_cpu_mem_usage=True)
+        model.load_adapter(tmp_path, "other", low_cpu_mem_usage=True)
+        assert {p.device.type for p in model.parameters()} == {"cpu"}, lib.__name__
+        outputs.append(model(x))
+    assert devices[1] == devices[0]
+    assert [n for n, d in devices[1] if d == "meta"] == [
+        "0.lora_A.default.weight", "0.lora_B.default.weight", "2.lora_A.default.weight", "2.lora_B.default.weight"
+    ]  # fmt: skip
+    assert_close(outputs[1], outputs[0], FP32_SAME_MATH)
+    assert_close(outputs[1], expected, FP32_SAME_MATH)

@@ -168,7 +168,8 @@ class LoraModel(BaseTuner):
         weight = getattr(base, "weight", None)
         if weight is not None:
             for name, module in new_module.named_modules():
-                if LoraModel.prefix in name and weight.device.type != "meta":
+                on_meta = any(p.is_meta for p in module.parameters())  # low_cpu_mem_usage: filled on load
+                if LoraModel.prefix in name and weight.device.type != "meta" and not on_meta:
                     module.to(weight.device)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
