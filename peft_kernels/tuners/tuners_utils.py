@@ -341,6 +341,11 @@ class BaseTuner(nn.Module):
     # ----------------------------------------------------------------- adapter state
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for module in self.model.modules():  # checked before anything changes
+            if isinstance(module, ModulesToSaveWrapper):
+                copies = [n for n in names if n in module.modules_to_save]
+                if len(copies) > 1:  # a module copy is not additive: two active copies of one module can't both run
+                    raise ValueError(f"Only one adapter can be set at a time for {module}, got {len(copies)}")
         for module in self.model.modules():
             if isinstance(module, BaseTunerLayer):
                 if module.merged:

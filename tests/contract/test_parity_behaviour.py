@@ -263,3 +263,15 @@ def test_low_cpu_mem_usage_puts_new_adapter_weights_on_meta_until_loaded(tmp_pat
     ]  # fmt: skip
     assert_close(outputs[1], outputs[0], FP32_SAME_MATH)
     assert_close(outputs[1], expected, FP32_SAME_MATH)
+
+
+def test_two_active_adapters_with_a_copy_of_the_same_module_raise_like_peft():
+    """modules_to_save copies are not additive: PEFT refuses to activate two adapters that both copy a module."""
+    found = []
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], modules_to_save=["2"]))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["0"], modules_to_save=["2"]))
+        with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper") as err:
+            model.base_model.set_adapter(["default", "other"])
+        found.append((type(err.value), str(err.value).rsplit(", got ", 1)[1], model.base_model.active_adapters))
+    assert found[1] == found[0]
