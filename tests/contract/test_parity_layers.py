@@ -177,6 +177,22 @@ def test_multihead_attention_matches_peft():
 
 
 @pytest.mark.oracle
+@pytest.mark.parametrize("autocast_adapter_dtype", [False, True])
+def test_multihead_attention_adapter_dtype_follows_peft(autocast_adapter_dtype):
+    """A 16-bit nn.MultiheadAttention (no ``weight`` attribute): without autocast the adapter takes the model's
+    dtype, with it fp32, on in_proj and out_proj alike (PEFT reads out_proj's weight)."""
+    dtypes = []
+    for lib in (_peft(), pk):
+        model = lib.get_peft_model(
+            AttnNet().to(torch.float16),
+            lib.LoraConfig(target_modules=["mha"]),
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+        dtypes.append(sorted((n, p.dtype) for n, p in model.named_parameters() if "lora_" in n))
+    assert dtypes[1] == dtypes[0]
+    assert {d for _, d in dtypes[1]} == {torch.float32 if autocast_adapter_dtype else torch.float16}
+
+
 def test_multihead_attention_checkpoint_loads_both_ways(tmp_path):
     peft = _peft()
     cfg = dict(target_modules=["mha"], r=2, lora_alpha=4, init_lora_weights=False)
