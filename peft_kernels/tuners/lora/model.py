@@ -89,6 +89,8 @@ class LoraModel(BaseTuner):
                 "`torch.nn.Conv2d`, `torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D`, "
                 "`torch.nn.MultiheadAttention.`, and layer types registered with `LoraConfig._register_custom_module`."
             )
+        if custom and not supported:  # PEFT's warning: in/out features of such a layer are guessed, if at all
+            warnings.warn(f"Unsupported layer type '{type(base)}' encountered, proceed at your own risk.", UserWarning)
         if config.lora_bias and isinstance(base, nn.Embedding) and not custom:
             raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding (module {key!r}).")
         if config.lora_bias and getattr(base, "bias", None) is None:
