@@ -147,6 +147,9 @@ class AdapterCheckpointMixin:
         if config.is_prompt_learning and is_trainable:
             raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
         config.inference_mode = not is_trainable
+        if key_mapping is None and not config.is_prompt_learning:
+            # a model class's own old-name -> new-name regexes (transformers' ``_checkpoint_conversion_mapping``)
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", {})
         if config.task_type not in MODEL_TYPE_TO_PEFT_MODEL_MAPPING.keys():
             peft_model = cls(
                 model,

@@ -10,6 +10,7 @@ def _info(args) -> int:
     import torch
 
     from . import __version__, _availability
+    from .layers.lora_conv import CONV_FORWARD_PATH
     from .ops import _dispatch
 
     print(f"peft_kernels {__version__}")
@@ -23,6 +24,7 @@ def _info(args) -> int:
     for name, status, reason in _availability.backend_report():
         print(f"  {name:<10} {status}{': ' + reason if reason else ''}")
     print(f"CUDA extension (peft_kernels._C): {_availability.cuda_extension_line()}")
+    print(f"conv LoRA forward: {CONV_FORWARD_PATH}")
     print(
         "ops: backends in priority order per device type ('->' marks the one that runs here; the others say why not)"
     )

@@ -264,7 +264,8 @@ class BaseTuner(nn.Module):
             for key in matched:
                 parent, target, target_name = _get_submodules(model, key)
                 was_tuner = isinstance(target, BaseTunerLayer)
-                self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=key)
+                with _new_parameters_on_meta(low_cpu_mem_usage):
+                    self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=key)
                 if was_tuner:
                     updated.append(target)
                 else:
@@ -340,6 +341,11 @@ class BaseTuner(nn.Module):
     # ----------------------------------------------------------------- adapter state
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for module in self.model.modules():  # checked before anything changes
+            if isinstance(module, ModulesToSaveWrapper):
+                copies = [n for n in names if n in module.modules_to_save]
+                if len(copies) > 1:  # a module copy is not additive: two active copies of one module can't both run
+                    raise ValueError(f"Only one adapter can be set at a time for {module}, got {len(copies)}")
         for module in self.model.modules():
             if isinstance(module, BaseTunerLayer):
                 if module.merged:
@@ -500,6 +506,28 @@ class BaseTuner(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@contextmanager
+def _new_parameters_on_meta(enabled: bool):
+    """With ``low_cpu_mem_usage=True`` (PEFT's rule) the adapter parameters registered while the layers are built
+    live on the meta device: nothing is allocated or initialised until a checkpoint is loaded into them
+    (``set_peft_model_state_dict(..., low_cpu_mem_usage=True)`` assigns the tensors). Buffers are unaffected."""
+    if not enabled:
+        yield
+        return
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and type(param) is nn.Parameter and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _warn_unmatched_patterns(peft_config, targeted: list[str]) -> None:

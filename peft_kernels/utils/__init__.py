@@ -17,7 +17,7 @@ from .other import (
     transpose,
 )
 from .peft_types import PeftType, TaskType
-from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .save_and_load import get_peft_model_state_dict, infer_device, load_peft_weights, set_peft_model_state_dict
 
 __all__ = [
     "CONFIG_NAME",
@@ -34,6 +34,7 @@ __all__ = [
     "cast_mixed_precision_params",
     "get_base_model_state_dict",
     "get_peft_model_state_dict",
+    "infer_device",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
     "set_base_model_state_dict",

@@ -138,7 +138,8 @@ class ModulesToSaveWrapper(nn.Module):
         return {k: f"modules_to_save.{adapter_name}.{k}" for k in self.modules_to_save[adapter_name].state_dict()}
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
-        if self._disable_adapters or not self._active_adapter or self._active_adapter[0] not in self.modules_to_save:
+        # Disabling does not count (PEFT 0.21.2): unload() inside disable_adapter() still returns the active copy.
+        if not self._active_adapter or self._active_adapter[0] not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[self._active_adapter[0]]
 

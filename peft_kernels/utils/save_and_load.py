@@ -12,6 +12,7 @@ model's tuner layers (``adapter_key_map``), so saving and loading are exact inve
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Optional
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .constants import EMBEDDING_LAYER_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .legacy_keys import rename_legacy_lora_keys
 from .other import ModulesToSaveWrapper
 
 MODEL_PREFIX = "base_model.model."
@@ -207,6 +209,8 @@ def set_peft_model_state_dict(
     ckpt_to_model.update(duplicate_checkpoint_keys(model, adapter_name, config))
     model_sd = model.state_dict()
     has_prefix = any(k.startswith(MODEL_PREFIX) for k in model_sd)
+    known = set(ckpt_to_model) if has_prefix else set(ckpt_to_model) | {MODEL_PREFIX + k for k in ckpt_to_model}
+    peft_model_state_dict = rename_legacy_lora_keys(model, peft_model_state_dict, known)
     to_load, unexpected, mismatched = {}, [], []
     for key, value in peft_model_state_dict.items():
         lookup = key if has_prefix else key.removeprefix(MODEL_PREFIX)
@@ -293,12 +297,19 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, key_mapping=N
     else:
         adapters_weights = torch.load(filename, map_location=torch.device(device), weights_only=True)
     if key_mapping:
-        remapped = {}
-        for key, value in adapters_weights.items():
-            for pattern, replacement in key_mapping.items():
-                import re
-
-                key = re.sub(pattern, replacement, key)
-            remapped[key] = value
-        adapters_weights = remapped
+        adapters_weights = {_map_key(key, key_mapping): value for key, value in adapters_weights.items()}
     return adapters_weights
+
+
+def _map_key(key: str, key_mapping: dict) -> str:
+    """``key`` with the first ``key_mapping`` regex that matches its module path applied (PEFT's rule): the
+    ``base_model.model.`` / ``base_model.`` prefix is set aside, so patterns are written against model names."""
+    prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), None)
+    if prefix is None:
+        raise ValueError(f"Cannot apply key_mapping to the checkpoint key {key!r}: it has no 'base_model.' prefix.")
+    path = key.removeprefix(prefix)
+    for pattern, replacement in key_mapping.items():
+        mapped, count = re.subn(pattern, replacement, path)
+        if count:
+            return prefix + mapped
+    return key

@@ -187,6 +187,16 @@ def test_non_pointwise_geometries_run_eager(monkeypatch):
     assert calls == []
 
 
+def test_info_states_the_conv_forward_route(capsys):
+    """#18: ``peft-kernels info`` says which convolutions take the fused op and which the reference path."""
+    from peft_kernels.cli import main
+
+    assert main(["info"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("conv LoRA forward: ")]
+    assert len(lines) == 1
+    assert "pointwise" in lines[0] and "fused" in lines[0] and "reference" in lines[0]
+
+
 def test_pointwise_dropout_trains_and_eval_is_deterministic():
     torch.manual_seed(0)
     layer = Conv2d(nn.Conv2d(6, 5, 1), "default", r=4, lora_dropout=0.5, init_lora_weights=False)

@@ -160,6 +160,20 @@ def test_unload_returns_the_original_module_when_its_copy_is_inactive():
     assert torch.equal(results[1], results[0]) and torch.equal(results[1], _mlp()[2].weight)
 
 
+def test_unload_inside_disable_adapter_returns_the_active_copy():
+    """PEFT unwraps modules_to_save by the active adapter, enabled or not: inside disable_adapter() unload()
+    keeps the trained copy (here made to differ from the original)."""
+    results = []
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], modules_to_save=["2"]))
+        with torch.no_grad():
+            model.base_model.model[2].modules_to_save["default"].weight.add_(1.0)
+        with model.disable_adapter():
+            unloaded = model.unload()
+        results.append(unloaded[2].weight.detach().clone())
+    assert torch.equal(results[1], results[0]) and torch.equal(results[1], _mlp()[2].weight + 1.0)
+
+
 def test_ignore_mismatched_sizes_is_honoured_like_peft(tmp_path):
     results = []
     for lib in _libs():
@@ -223,3 +237,41 @@ def test_prompt_learning_without_task_type_names_it(config_cls):
     with pytest.raises(ValueError, match=r"needs a task_type \(one of .*CAUSAL_LM.*\), got task_type=None"):
         pk.get_peft_model(base, config)
     assert config.base_model_name_or_path is None and not hasattr(base, "peft_config")
+
+
+def test_low_cpu_mem_usage_puts_new_adapter_weights_on_meta_until_loaded(tmp_path):
+    """PEFT: injected with low_cpu_mem_usage=True the adapter weights are on meta (nothing allocated); loading a
+    checkpoint with it fills them, and the model then computes what the saved one did."""
+    peft = pytest.importorskip("peft")
+    x = torch.randn(3, 4)
+    trained = peft.get_peft_model(_mlp(), peft.LoraConfig(target_modules=["0", "2"], init_lora_weights=False))
+    trained.save_pretrained(tmp_path)
+    expected = trained(x)
+    devices, outputs = [], []
+    for lib in _libs():
+        injected = lib.inject_adapter_in_model(
+            lib.LoraConfig(target_modules=["0", "2"]), _mlp(), low_cpu_mem_usage=True
+        )
+        devices.append(sorted((n, p.device.type) for n, p in injected.named_parameters()))
+        model = lib.PeftModel.from_pretrained(_mlp(), tmp_path, low_cpu_mem_usage=True)
+        model.load_adapter(tmp_path, "other", low_cpu_mem_usage=True)
+        assert {p.device.type for p in model.parameters()} == {"cpu"}, lib.__name__
+        outputs.append(model(x))
+    assert devices[1] == devices[0]
+    assert [n for n, d in devices[1] if d == "meta"] == [
+        "0.lora_A.default.weight", "0.lora_B.default.weight", "2.lora_A.default.weight", "2.lora_B.default.weight"
+    ]  # fmt: skip
+    assert_close(outputs[1], outputs[0], FP32_SAME_MATH)
+    assert_close(outputs[1], expected, FP32_SAME_MATH)
+
+
+def test_two_active_adapters_with_a_copy_of_the_same_module_raise_like_peft():
+    """modules_to_save copies are not additive: PEFT refuses to activate two adapters that both copy a module."""
+    found = []
+    for lib in _libs():
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(target_modules=["0"], modules_to_save=["2"]))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["0"], modules_to_save=["2"]))
+        with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper") as err:
+            model.base_model.set_adapter(["default", "other"])
+        found.append((type(err.value), str(err.value).rsplit(", got ", 1)[1], model.base_model.active_adapters))
+    assert found[1] == found[0]

@@ -9,6 +9,7 @@ state-dict keys) and compares outputs, gradients, merge and unload.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -177,6 +178,22 @@ def test_multihead_attention_matches_peft():
 
 
 @pytest.mark.oracle
+@pytest.mark.parametrize("autocast_adapter_dtype", [False, True])
+def test_multihead_attention_adapter_dtype_follows_peft(autocast_adapter_dtype):
+    """A 16-bit nn.MultiheadAttention (no ``weight`` attribute): without autocast the adapter takes the model's
+    dtype, with it fp32, on in_proj and out_proj alike (PEFT reads out_proj's weight)."""
+    dtypes = []
+    for lib in (_peft(), pk):
+        model = lib.get_peft_model(
+            AttnNet().to(torch.float16),
+            lib.LoraConfig(target_modules=["mha"]),
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+        dtypes.append(sorted((n, p.dtype) for n, p in model.named_parameters() if "lora_" in n))
+    assert dtypes[1] == dtypes[0]
+    assert {d for _, d in dtypes[1]} == {torch.float32 if autocast_adapter_dtype else torch.float16}
+
+
 def test_multihead_attention_checkpoint_loads_both_ways(tmp_path):
     peft = _peft()
     cfg = dict(target_modules=["mha"], r=2, lora_alpha=4, init_lora_weights=False)
@@ -237,6 +254,29 @@ def test_custom_module_mapping_dispatches_registered_class():
     hidden = peft_model.base_model.model[0](x)
     expected = hidden * layer.base_layer.weight + layer._eager_lora_update(hidden, "default")
     assert_close(peft_model(x), expected, FP32_SAME_MATH, "custom layer")
+
+
+@pytest.mark.oracle
+def test_custom_module_of_unknown_type_warns_like_peft():
+    """A layer type PEFT does not know, made targetable by a registered custom LoRA class, warns once (PEFT's text)."""
+    found = []
+    for lib in (_peft(), pk):
+        lora_layer = lib.tuners.lora.LoraLayer
+
+        class CustomLora(nn.Module, lora_layer):  # does nothing; only the dispatch matters here
+            def __init__(self, base_layer, adapter_name, _layer_cls=lora_layer, **kwargs):
+                super().__init__()
+                _layer_cls.__init__(self, base_layer)
+                self._active_adapter = adapter_name
+
+        config = lib.LoraConfig(target_modules=["0", "1"])
+        config._register_custom_module({Scale: CustomLora})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lib.get_peft_model(nn.Sequential(nn.Linear(4, 4), Scale(4)), config)
+        found.append([(w.category, str(w.message)) for w in caught if "Unsupported layer type" in str(w.message)])
+    assert found[1] == found[0]
+    assert found[1] == [(UserWarning, f"Unsupported layer type '{Scale}' encountered, proceed at your own risk.")]
 
 
 @pytest.mark.oracle

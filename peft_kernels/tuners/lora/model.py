@@ -14,6 +14,7 @@ from ...layers.lora_mha import MultiheadAttention
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ..tuners_utils import (
     BaseTuner,
+    PeftWarning,
     _get_tuner_state_dict_key_prefixes,
     _is_conv1d,
     _is_key_under_prefixes,
@@ -79,18 +80,25 @@ class LoraModel(BaseTuner):
 
     def _check_target_module_compatible(self, config, target: nn.Module, key: str) -> None:
         base = target.get_base_layer() if isinstance(target, LoraLayer) else target
-        if _custom_lora_class(config, base) is not None:
-            return
-        if isinstance(base, SUPPORTED_BASE_TYPES) or _is_conv1d(base) or _is_int8_base(base):
-            if config.lora_bias and isinstance(base, nn.Embedding):
-                raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding (module {key!r}).")
-            return
-        raise ValueError(
-            f"Target module {key!r} ({type(base).__name__}) is not supported. Currently, only the following modules "
-            "are supported: `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
-            "`torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D`, `torch.nn.MultiheadAttention.`, and layer "
-            "types registered with `LoraConfig._register_custom_module`."
-        )
+        custom = _custom_lora_class(config, base) is not None
+        supported = isinstance(base, SUPPORTED_BASE_TYPES) or _is_conv1d(base) or _is_int8_base(base)
+        if not custom and not supported:
+            raise ValueError(
+                f"Target module {key!r} ({type(base).__name__}) is not supported. Currently, only the following "
+                "modules are supported: `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, "
+                "`torch.nn.Conv2d`, `torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D`, "
+                "`torch.nn.MultiheadAttention.`, and layer types registered with `LoraConfig._register_custom_module`."
+            )
+        if custom and not supported:  # PEFT's warning: in/out features of such a layer are guessed, if at all
+            warnings.warn(f"Unsupported layer type '{type(base)}' encountered, proceed at your own risk.", UserWarning)
+        if config.lora_bias and isinstance(base, nn.Embedding) and not custom:
+            raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding (module {key!r}).")
+        if config.lora_bias and getattr(base, "bias", None) is None:
+            warnings.warn(  # PEFT's text and category: merge() later refuses such a layer
+                f"`lora_bias=True` was passed but the targeted layer of type {type(base).__name__} has no bias. This "
+                "means that merging LoRA weights won't be possible.",
+                PeftWarning,
+            )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         r_key = get_pattern_key(config.rank_pattern.keys(), current_key)
@@ -162,7 +170,8 @@ class LoraModel(BaseTuner):
         weight = getattr(base, "weight", None)
         if weight is not None:
             for name, module in new_module.named_modules():
-                if LoraModel.prefix in name and weight.device.type != "meta":
+                on_meta = any(p.is_meta for p in module.parameters())  # low_cpu_mem_usage: filled on load
+                if LoraModel.prefix in name and weight.device.type != "meta" and not on_meta:
                     module.to(weight.device)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
