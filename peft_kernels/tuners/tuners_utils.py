@@ -544,11 +544,18 @@ def _warn_unmatched_patterns(peft_config, targeted: list[str]) -> None:
 
 def set_trainable_modules(model: nn.Module, adapter_name: str, module_names, inference_mode: bool = False) -> None:
     """Wraps every module whose name (or dotted suffix) is in ``module_names`` in a ModulesToSaveWrapper."""
-    keys = [key for key, _ in model.named_modules()]
+    # Plain suffix match, as PEFT's _set_trainable (so "classifier" also matches "pre_classifier").
+    keys = [key for key, _ in model.named_modules() if any(key.endswith(name) for name in module_names)]
+    for key in keys:  # all checked before anything is wrapped
+        grandparent = model.get_submodule(".".join(key.split(".")[:-2])) if key.count(".") >= 2 else None
+        if isinstance(grandparent, BaseTunerLayer):
+            # e.g. modules_to_save=["foo"] with adapter "foo" matches "...q_proj.lora_A.foo" (PEFT raises too)
+            raise ValueError(
+                f"You are trying to target a module with {ModulesToSaveWrapper} that is a child of "
+                f"{type(grandparent)}. This is almost certainly not the intended behavior. Please ensure that the "
+                f"adapter name, '{adapter_name}', does not conflict with any of the targeted modules."
+            )
     for key in keys:
-        # Plain suffix match, as PEFT's _set_trainable (so "classifier" also matches "pre_classifier").
-        if not any(key.endswith(name) for name in module_names):
-            continue
         parent, target, target_name = _get_submodules(model, key)
         if isinstance(target, ModulesToSaveWrapper):
             target.update(adapter_name)

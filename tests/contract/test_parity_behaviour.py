@@ -275,3 +275,32 @@ def test_two_active_adapters_with_a_copy_of_the_same_module_raise_like_peft():
             model.base_model.set_adapter(["default", "other"])
         found.append((type(err.value), str(err.value).rsplit(", got ", 1)[1], model.base_model.active_adapters))
     assert found[1] == found[0]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def test_invalid_bias_raises_not_implemented_and_leaves_the_model():
+    # PEFT 0.21.2 accepts any bias string in LoraConfig and raises NotImplementedError from get_peft_model.
+    for lib in _libs():
+        base = _mlp()
+        before, types = _state(base)
+        config = lib.LoraConfig(target_modules=["0"], bias="invalid")  # the config itself does not raise
+        with pytest.raises(NotImplementedError, match="invalid"):
+            lib.get_peft_model(base, config)
+        if lib is pk:  # ours checks before injecting: nothing was replaced
+            after, after_types = _state(base)
+            assert after_types == types and after.keys() == before.keys()
+
+
+def test_modules_to_save_named_like_the_adapter_raises():
+    # modules_to_save=["foobar"] with adapter "foobar" would match the LoRA layer's own lora_A.foobar.
+    for lib in _libs():
+        base = _mlp()
+        _, types = _state(base)
+        config = lib.LoraConfig(target_modules=["0"], modules_to_save=["foobar"])
+        with pytest.raises(ValueError, match="almost certainly not the intended behavior.*'foobar'"):
+            lib.get_peft_model(base, config, adapter_name="foobar")
+        if lib is pk:  # rolled back: the base model has its own modules again
+            assert [type(m) for m in base.modules()] == types

@@ -131,8 +131,6 @@ class LoraConfig(PeftConfig):
                 )
             if self.use_dora:
                 raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias must be one of 'none', 'all', 'lora_only', got {self.bias!r}")
         if self.ensure_weight_tying:
             self.modules_to_tie = None
             self.target_modules_to_tie = None

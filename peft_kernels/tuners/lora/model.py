@@ -61,6 +61,12 @@ class LoraModel(BaseTuner):
                 f"peft_kernels does not implement these LoraConfig settings: {', '.join(unsupported)}. "
                 "Use the default value, or Hugging Face PEFT for this variant."
             )
+        if config.bias not in ("none", "all", "lora_only"):
+            # PEFT 0.21.2 accepts any string in the config and raises NotImplementedError when it marks the
+            # trainable parameters (after injecting); we raise the same type before anything is touched.
+            raise NotImplementedError(
+                f"Requested bias: {config.bias}, is not implemented. Use one of 'none', 'all', 'lora_only'."
+            )
         if config.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {config.r}")
         if not 0.0 <= config.lora_dropout < 1.0:
