@@ -19,12 +19,15 @@ if TYPE_CHECKING:
 PEFT_TYPE_TO_CONFIG_MAPPING: dict = {}
 # PeftType → tuner model (BaseTuner) class, for the methods that inject layers: LoRA.
 PEFT_TYPE_TO_TUNER_MAPPING: dict = {}
+# PeftType → the prefix of its parameter names ("lora_", "prefix_tuning_", …), as PEFT 0.21.2's (register_tuner).
+PEFT_TYPE_TO_PREFIX_MAPPING: dict = {}
 # TaskType → PeftModel task class (filled by task_models.py).
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict = {}
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
     "get_peft_config",
     "inject_adapter_in_model",
@@ -33,7 +36,9 @@ __all__ = [
 
 
 def register_tuner(peft_type, config_cls, model_cls=None) -> None:
-    """Registers a method's config class and, for methods that inject layers, its tuner model class."""
+    """Registers a method's config class, its parameter-name prefix (PEFT's: the type's lowercase name + "_") and,
+    for methods that inject layers, its tuner model class."""
+    PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = peft_type.value.lower() + "_"
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     if model_cls is not None:
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls

@@ -129,3 +129,18 @@ def test_import_utils_and_config_version_match_peft():
 
     assert pk_config.__version__ == pk.__version__
     assert peft.config.__version__ == peft.__version__
+
+
+def test_peft_type_to_prefix_mapping_matches_peft():
+    # PEFT's own tests and code look a method's parameter prefix up here (e.g. low_cpu_mem_usage checks).
+    peft_mapping = pytest.importorskip("peft.mapping").PEFT_TYPE_TO_PREFIX_MAPPING
+    from peft_kernels.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    assert {str(k.value) for k in PEFT_TYPE_TO_PREFIX_MAPPING} == {
+        "LORA",
+        "PREFIX_TUNING",
+        "PROMPT_TUNING",
+        "P_TUNING",
+    }
+    for peft_type, prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
+        assert prefix == peft_mapping[peft_type]
