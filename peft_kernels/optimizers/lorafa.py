@@ -68,11 +68,14 @@ class LoraFAOptimizer(Optimizer):
         raise KeyError("Expected optimizer param group to define `scaling_factors`.")
 
     @staticmethod
-    def _adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-        """m ← β1 m + (1-β1) g; v ← β2 v + (1-β2) g²; p -= lr_t · m / (√v + ε); p -= lr · wd · p."""
+    def _adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, key: str = "") -> None:
+        """m ← β1 m + (1-β1) g; v ← β2 v + (1-β2) g²; p -= lr_t · m / (√v + ε); p -= lr · wd · p.
+
+        m, v are ``state["exp_avg" + key]``, ``state["exp_avg_sq" + key]``: PEFT's names ("_B" for a LoRA pair's B),
+        so an optimizer state dict moves between the two libraries."""
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = state["exp_avg" + key], state["exp_avg_sq" + key]
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         denom = exp_avg_sq.sqrt().add_(group["eps"])
@@ -103,7 +106,7 @@ class LoraFAOptimizer(Optimizer):
                 lora_a, lora_b, pending_a = pending_a, param, None
                 state = self.state[name[: name.find("lora")] + "lora"]
                 if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(lora_b), exp_avg_sq=torch.zeros_like(lora_b))
+                    state.update(step=0, exp_avg_B=torch.zeros_like(lora_b), exp_avg_sq_B=torch.zeros_like(lora_b))
                 gram = lora_a @ lora_a.T
                 gram_pinv = torch.linalg.pinv(gram + 1e-8 * torch.eye(lora_a.shape[0]).to(lora_a.device))
                 device_type = lora_b.grad.device.type
@@ -111,7 +114,7 @@ class LoraFAOptimizer(Optimizer):
                     device_type=device_type, dtype=torch.bfloat16, enabled=_bf16_available(device_type)
                 ):
                     grad_b = (1 / scaling**2) * (lora_b.grad @ gram_pinv)
-                self._adamw_update(lora_b, grad_b.to(lora_b.grad.dtype), state, group)
+                self._adamw_update(lora_b, grad_b.to(lora_b.grad.dtype), state, group, key="_B")
         return loss
 
 

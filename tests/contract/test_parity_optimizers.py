@@ -97,6 +97,14 @@ def test_lorafa_freezes_a_and_trains_like_peft():
     _train(theirs, opt_t)
     _train(ours, opt_o)
     _assert_same_params(ours, theirs, "lorafa")
+    # The optimizer state has PEFT's keys and fields (exp_avg_B / exp_avg_sq_B for a LoRA pair), so a checkpointed
+    # optimizer resumes in either library.
+    assert sorted(opt_o.state) == sorted(opt_t.state)
+    for key, state in opt_o.state.items():
+        assert sorted(state) == sorted(opt_t.state[key]), key
+        for field, value in state.items():
+            if torch.is_tensor(value):
+                assert_close(value, opt_t.state[key][field], FP32_SAME_MATH, f"lorafa state {key} {field}")
     assert not torch.equal(
         before["base_model.model.lin0.lora_B.default.weight"], ours.base_model.model.lin0.lora_B["default"].weight
     )
