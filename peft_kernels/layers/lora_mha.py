@@ -13,22 +13,43 @@ then calls the wrapped ``lora.Linear.merge``, which adds it again through ``.dat
 ΔW), and ``unmerge`` removes both. Adapters trained with PEFT learned B', A' under that factor, so it is kept:
 the same checkpoint gives the same outputs and the same gradients.
 
-Unlike PEFT, the forward does not swap Parameters for tensors and back: it runs the base module through
-``torch.func.functional_call`` with W_in', W_out' substituted, so the module and its state dict stay intact.
+Unlike PEFT, the forward does not delete the Parameters and set them back: for the call, W_in' and W_out' shadow
+``in_proj_weight`` and ``out_proj``'s ``weight`` as instance attributes (an instance attribute is found before
+``nn.Module``'s parameter lookup), and the previous instance attributes come back afterwards, so the Parameters,
+their order and the state dict stay untouched. Shadowing, not ``torch.func.functional_call``: FSDP with
+``use_orig_params=True`` itself sets the unsharded weights as instance attributes during its forward, which
+``functional_call``'s substitution (in ``_parameters``) does not override; PEFT's swap and ours do.
 Only ``query, key, value`` batches of the packed (``_qkv_same_embed_dim``) layout are supported, as PEFT.
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ._base import check_adapters_to_merge
 from .lora import Linear, LoraLayer
+
+_ABSENT = object()
+
+
+@contextmanager
+def _shadowed(module: nn.Module, name: str, tensor: torch.Tensor):
+    """``module.<name>`` reads ``tensor`` inside the block; whatever instance attribute was there comes back."""
+    previous = module.__dict__.get(name, _ABSENT)
+    module.__dict__[name] = tensor
+    try:
+        yield
+    finally:
+        if previous is _ABSENT:
+            del module.__dict__[name]
+        else:
+            module.__dict__[name] = previous
+
 
 # PEFT adds out_proj's ΔW twice (see the module docstring).
 OUT_PROJ_DELTA_FACTOR = 2
@@ -196,8 +217,8 @@ class MultiheadAttention(nn.Module, LoraLayer):
                 )
             active = [a for a in self.active_adapters if a in self.lora_A]
             w_in, w_out = self._adapted_weights(active)
-            weights = {"in_proj_weight": w_in, "out_proj.base_layer.weight": w_out}
-            result = functional_call(base, weights, (query, *args), kwargs, strict=False)
+            with _shadowed(base, "in_proj_weight", w_in), _shadowed(out_proj.get_base_layer(), "weight", w_out):
+                result = base(query, *args, **kwargs)
         attn_weights = result[1].to(previous_dtype) if result[1] is not None else None
         return result[0].to(previous_dtype), attn_weights
 

@@ -290,3 +290,33 @@ def test_unsupported_type_raises_value_error_like_peft():
         if lib is pk:  # ours fails before any replacement (all or nothing)
             assert type(model[0]) is nn.Linear
             assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.oracle
+def test_multihead_attention_under_fsdp_matches_peft():
+    """FSDP (use_orig_params, one CPU process) sets the unsharded weights as instance attributes in its forward:
+    the LoRA'd weights must still be the ones the attention reads, as in PEFT (FSDP1 on CPU needs device_id)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    cfg = dict(target_modules=["mha"], r=2, lora_alpha=4, init_lora_weights=False)
+    theirs, ours = _pair(AttnNet, cfg)
+    order = [n for n, _ in ours.named_parameters()]
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = ours(x)
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = {
+            name: FSDP(copy.deepcopy(model), use_orig_params=True, device_id=torch.device("cpu"))
+            for name, model in (("theirs", theirs), ("ours", ours))
+        }
+        with torch.no_grad():
+            out_t, out_o = wrapped["theirs"](x), wrapped["ours"](x)
+    finally:
+        dist.destroy_process_group()
+    assert_close(out_t, plain, FP32_SAME_MATH, "peft under FSDP vs ours unwrapped")
+    assert_close(out_o, out_t, FP32_SAME_MATH, "mha under FSDP")
+    assert [n for n, _ in ours.named_parameters()] == order  # the forward left the Parameters as they were
