@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 import test_triton_aot as aot  # noqa: E402
 import triton  # noqa: E402
-from test_dropout_sass import MASK_KERNEL_ARGS, dropout_pairs, main_loop, mask_kernel_job  # noqa: E402
+from test_dropout_sass import MASK_KERNEL_ARGS, dropout_pairs, main_loop, mask_kernel_job, pool_map  # noqa: E402
 
 from peft_kernels.backends.triton import _configs  # noqa: E402
 
@@ -143,19 +143,6 @@ def mask_kernel_rows(results) -> list[str]:
     return rows
 
 
-def _pool_map(fn, variants, workers):
-    import concurrent.futures
-    import multiprocessing
-    import tempfile
-
-    ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="pk-resources-cache-") as cache:
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=aot._worker_init, initargs=(cache,)
-        ) as pool:
-            return list(pool.map(fn, variants, chunksize=1))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -172,8 +159,8 @@ def main(argv=None) -> int:
     variants = variant_sets()[args.set]
     print(f"compiling {len(variants)} variants with {args.workers} workers ...", flush=True)
     results = aot.compile_all(variants, args.workers)
-    sass_results = _pool_map(_sass_job, dropout_pairs(), args.workers) if (args.sass or args.out) else []
-    mask_results = _pool_map(mask_kernel_job, [80, 90], args.workers) if sass_results else []
+    sass_results = pool_map(_sass_job, dropout_pairs(), args.workers) if (args.sass or args.out) else []
+    mask_results = pool_map(mask_kernel_job, [80, 90], args.workers) if sass_results else []
     elapsed = time.perf_counter() - start
 
     failed = [r for r in results if r[2] is not None]
