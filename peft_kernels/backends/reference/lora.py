@@ -66,13 +66,15 @@ def _as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # - decode-sized inputs (M ≤ 16): the product is a matrix-vector one, bound by reading the block, so 2**18 elements
 #   (1 MiB fp32), ≥ 16, stay in the core's L2 between the dequantization that writes them and the product that
 #   reads them: M = 1, 4096 → 1024 took 3.3 ms in 64-row blocks vs 5.4 ms in 256-row ones (one thread, measured).
-_DEQUANT_BLOCKS = {"gemm": (2**20, 128), "decode": (2**18, 16)}
-_DECODE_TOKENS_MAX = 16
+# The 4-bit reference caps its decode chunks at decode sizes with the same two constants.
+DECODE_TOKENS_MAX = 16
+DECODE_BLOCK_ELEMENTS = 2**18
+_DEQUANT_BLOCKS = {"gemm": (2**20, 128), "decode": (DECODE_BLOCK_ELEMENTS, 16)}
 
 
 def _block(other: int, tokens: int) -> int:
     """Rows (or columns) per dequantized block of a weight whose other extent is ``other``, for ``tokens`` rows of x."""
-    elements, minimum = _DEQUANT_BLOCKS["decode" if tokens <= _DECODE_TOKENS_MAX else "gemm"]
+    elements, minimum = _DEQUANT_BLOCKS["decode" if tokens <= DECODE_TOKENS_MAX else "gemm"]
     return max(minimum, elements // max(other, 1))
 
 
@@ -222,6 +224,17 @@ def lora_linear_bwd(
     return add_lora_bwd(dx, dy, x, lora_a, lora_b, saved_s, scaling, dropout_p, seeds, need_adapters, base_weight)
 
 
+def _add_lora_dx(dx, d_shrink, a, keep):
+    """dx + (dS·A) [⊙ m], (M, K): the product itself when dx is None, in place when dx has dS's dtype (dS·A
+    accumulated inside the GEMM when there is no mask), else added in dS's dtype and rounded back to dx's."""
+    if dx is not None and dx.dtype == d_shrink.dtype:
+        return dx.addmm_(d_shrink, a) if keep is None else dx.addcmul_(torch.mm(d_shrink, a), keep)
+    term = torch.mm(d_shrink, a)
+    if keep is not None:
+        term.mul_(keep)
+    return term if dx is None else torch.add(dx.to(term.dtype), term).to(dx.dtype)
+
+
 def add_lora_bwd(
     dx: torch.Tensor | None,
     dy: torch.Tensor,
@@ -253,30 +266,18 @@ def add_lora_bwd(
             d_lora_b.append(_as(_scaled_(torch.mm(dy_acc.t(), shrink), s), b.dtype))  # [N, r]
         # dS_a / (1 - p_a): [M, r]
         d_shrink = _scaled_(torch.mm(dy_acc, _as(b, acc)), s if p == 0.0 else s / (1.0 - p))
-        if p == 0.0:
-            if need_adapters:
-                d_lora_a.append(_as(torch.mm(d_shrink.t(), _as(x, acc)), a.dtype))  # [r, K]
-            if base_weight is not None:
-                a_acc = _as(a, acc)
-                lora_dx = torch.mm(d_shrink, a_acc) if lora_dx is None else lora_dx.addmm_(d_shrink, a_acc)
-            elif need_dx and dx.dtype == acc:
-                dx.addmm_(d_shrink, _as(a, acc))
-            elif need_dx:
-                dx = torch.add(dx.to(acc), torch.mm(d_shrink, a.to(acc))).to(x.dtype)
-            continue
         # Dropout: the kept or the regenerated mask (the same bits). One float copy of m [M, K] serves both:
         # first the dx term m ⊙ (dS_a·A_a) / (1-p_a), then m ⊙= x in place → x̂_a (1/(1-p_a) is in d_shrink).
-        keep = next(kept) if kept is not None else _keep_mask(x, p, seeds, index)
-        keep_acc = _as_float(keep, acc)
+        keep_acc = None
+        if p != 0.0:
+            keep = next(kept) if kept is not None else _keep_mask(x, p, seeds, index)
+            keep_acc = _as_float(keep, acc)
         if base_weight is not None:
-            term = torch.mm(d_shrink, _as(a, acc)).mul_(keep_acc)
-            lora_dx = term if lora_dx is None else lora_dx.add_(term)
-        elif need_dx and dx.dtype == acc:
-            dx.addcmul_(torch.mm(d_shrink, _as(a, acc)), keep_acc)
+            lora_dx = _add_lora_dx(lora_dx, d_shrink, _as(a, acc), keep_acc)
         elif need_dx:
-            dx = torch.addcmul(dx.to(acc), torch.mm(d_shrink, a.to(acc)), keep_acc).to(x.dtype)
+            dx = _add_lora_dx(dx, d_shrink, _as(a, acc), keep_acc)
         if need_adapters:
-            x_hat = keep_acc.mul_(x)  # m ⊙ x in acc (x promotes exactly)
+            x_hat = _as(x, acc) if keep_acc is None else keep_acc.mul_(x)  # m ⊙ x in acc (x promotes exactly)
             d_lora_a.append(_as(torch.mm(d_shrink.t(), x_hat), a.dtype))  # [r, K]
     if base_weight is not None:
         dx = torch.mm(dy, base_weight) if lora_dx is None else lora_dx.addmm_(dy, base_weight)

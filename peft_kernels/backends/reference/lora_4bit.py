@@ -42,16 +42,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from .lora import _acc_dtype, add_lora_bwd, add_lora_fwd
+from .lora import DECODE_BLOCK_ELEMENTS, DECODE_TOKENS_MAX, _acc_dtype, add_lora_bwd, add_lora_fwd
 
 # Elements decoded at once at least: each chunk costs a few calls (~50-80 µs on a CPU), so tiny chunks of small
 # weights would cost more than the decode itself.
 MIN_CHUNK_ELEMENTS = 1 << 17
 # Decode-sized calls (M ≤ DECODE_TOKENS_MAX) are matrix-vector products bound by reading each chunk: chunks of at
-# most this many elements (1 MiB in fp32) stay in the core's L2 between the decode that writes them and the product
-# that reads them (the int8 reference's measurement: 3.3 vs 5.4 ms at 64- vs 256-row chunks of 4096 → 1024, M = 1).
-DECODE_TOKENS_MAX = 16
-DECODE_CHUNK_ELEMENTS = 1 << 18
+# most DECODE_BLOCK_ELEMENTS (the int8 reference's decode block, 1 MiB in fp32) stay in the core's L2 between the
+# decode that writes them and the product that reads them.
 # Chunks of a multiple of this many rows (or columns) where they hold that many: MKL's sgemm on a 256×768 x
 # against a 77-row chunk ran 13% slower than against an 80-row one (one CPU thread, measured).
 GEMM_ROW_MULTIPLE = 16
@@ -260,7 +258,7 @@ def _base_forward(x, quant, bias) -> torch.Tensor:
     if bias is not None:
         y.copy_(bias)
     decode_sized = x.shape[0] <= DECODE_TOKENS_MAX
-    for r0, r1, w in _row_chunks(quant, x.dtype, max_elements=DECODE_CHUNK_ELEMENTS if decode_sized else None):
+    for r0, r1, w in _row_chunks(quant, x.dtype, max_elements=DECODE_BLOCK_ELEMENTS if decode_sized else None):
         out = y[:, r0:r1]  # (M, rows) with row stride N: BLAS writes it in place
         if bias is not None:
             out.addmm_(x, w.t())
