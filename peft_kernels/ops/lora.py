@@ -189,9 +189,10 @@ def lora_linear_multi(
     _check_shapes(x, weight, bias, lora_a, lora_b, dropout_p)
     if weight_scale is not None and (error := weight_format_error(weight, weight_scale)) is not None:
         raise ValueError(error)
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    p_eff = [float(p) if training else 0.0 for p in dropout_p]
-    seeds = _draw_seeds(len(lora_a), x.device) if any(p > 0.0 for p in p_eff) else None
+    flat = x.dim() == 2
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
+    p_eff = [float(p) for p in dropout_p] if training else [0.0] * len(dropout_p)
+    seeds = _draw_seeds(len(lora_a), x.device) if training and any(p > 0.0 for p in p_eff) else None
     scaling = [float(s) for s in scaling]
     if _needs_autograd(x, weight, bias, *lora_a, *lora_b, *lora_b_bias):
         adapter_tensors = []
@@ -209,7 +210,7 @@ def lora_linear_multi(
             backend, torch.ops.peft_kernels.lora_linear_fwd,
             x2d, weight, bias, list(lora_a), list(lora_b), list(lora_b_bias), scaling, p_eff, seeds, weight_scale,
         )  # fmt: skip
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _needs_autograd(*tensors) -> bool:
@@ -293,14 +294,18 @@ def lora_linear_int8(
 
 
 def _check_shapes(x, weight, bias, lora_a, lora_b, dropout_p) -> None:
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features but weight has shape {tuple(weight.shape)} (expected (N, K))")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    # Each shape read once (a Tensor.shape access builds a torch.Size): this runs per layer per token.
+    weight_shape = weight.shape
+    if len(weight_shape) != 2 or x.shape[-1] != weight_shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but weight has shape {tuple(weight_shape)} (expected (N, K))")
+    n_out, n_in = weight_shape
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n_out},)")
     for a, b, p in zip(lora_a, lora_b, dropout_p):
-        if a.dim() != 2 or a.shape[1] != weight.shape[1]:
-            raise ValueError(f"lora_a has shape {tuple(a.shape)}, expected (r, {weight.shape[1]})")
-        if b.dim() != 2 or b.shape != (weight.shape[0], a.shape[0]):
-            raise ValueError(f"lora_b has shape {tuple(b.shape)}, expected ({weight.shape[0]}, {a.shape[0]})")
+        a_shape = a.shape
+        if len(a_shape) != 2 or a_shape[1] != n_in:
+            raise ValueError(f"lora_a has shape {tuple(a_shape)}, expected (r, {n_in})")
+        if b.shape != (n_out, a_shape[0]):
+            raise ValueError(f"lora_b has shape {tuple(b.shape)}, expected ({n_out}, {a_shape[0]})")
         if not 0.0 <= float(p) < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {p}")
