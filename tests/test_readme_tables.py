@@ -46,6 +46,7 @@ def test_ops_table_takes_the_last_revision_and_the_last_measurement_of_each_row(
         _op_row("reference", 8.0),  # re-measured below at the same revision: replaced
         _op_row("reference", 3.2),
         _op_row("reference+compile", 5.0),
+        _op_row("base", 2.75),  # the ceiling: printed as its own time, not a ratio
         _op_row("peft", 2.0, mode="no-grad-fwd"),
         _op_row("reference", 2.5, mode="no-grad-fwd"),
     ]
@@ -55,9 +56,9 @@ def test_ops_table_takes_the_last_revision_and_the_last_measurement_of_each_row(
     assert "torch 2.13.0+cpu, transformers 5.25.0, peft 0.21.2" in lines[0]
     body = [line for line in lines if line.startswith("| lora_linear")]
     assert body == [
-        "| lora_linear, s M=8 | fwd | 4.00 [3.60, 4.40] | 3.20 [2.88, 3.52] | 1.25× | 0.80× | 2.00 → 2.00 "
+        "| lora_linear, s M=8 | fwd | 4.00 [3.60, 4.40] | 3.20 [2.88, 3.52] | 1.25× | 2.75 | 0.80× | 2.00 → 2.00 "
         "| 1.00 → 1.00 | 0.50 → 0.50 |",
-        "| lora_linear, s M=8 | no-grad-fwd | 2.00 [1.80, 2.20] | 2.50 [2.25, 2.75] | 0.80× | – | 2.00 → 2.00 "
+        "| lora_linear, s M=8 | no-grad-fwd | 2.00 [1.80, 2.20] | 2.50 [2.25, 2.75] | 0.80× | – | – | 2.00 → 2.00 "
         "| 1.00 → 1.00 | – |",
     ]
 

@@ -9,6 +9,10 @@ Providers::
     reference          peft_kernels' ops with every op pinned to the reference backend (torch; the CPU path)
     reference+compile  the reference formula written in torch ops, ``torch.compile``d (autograd derives backward)
     triton, cuda       peft_kernels' ops pinned to that backend (Triton kernels / the CUDA C++ extension)
+    base               the ceiling of the LoRA linear ops: the base layer's product alone, ``F.linear(x, W, b)`` on
+                       the dense weight (a quantized one dequantized once, outside the timed call), no adapter;
+                       its backward is dY·W. Both libraries call this GEMM with the same shapes, so no LoRA layer
+                       can beat it by more than its own LoRA half. No error column (it is another function).
 
 A provider that cannot run a case (no GPU, no extension, no bitsandbytes, an unsupported shape) raises
 ``Unavailable`` with the reason; the reason goes into the result row's note. Backends are pinned through the
@@ -29,7 +33,8 @@ from torch import nn
 
 from .cases import Case, LinearShape
 
-PROVIDERS = ("peft", "reference", "reference+compile", "triton", "cuda")
+PROVIDERS = ("peft", "reference", "reference+compile", "triton", "cuda", "base")
+CEILING_PROVIDER = "base"
 BACKEND_PROVIDERS = ("reference", "triton", "cuda")
 _OPS_OF = {
     "lora_linear": ("lora_linear_fwd", "lora_linear_bwd"),
@@ -120,6 +125,10 @@ class Problem:
     def forward(self, provider: str) -> Callable[[], object]:
         raise NotImplementedError
 
+    def dense_weight(self) -> torch.Tensor:
+        """W (N, K) in the activation dtype, for the ``base`` ceiling provider."""
+        raise Unavailable(f"{self.case.op} has no base GEMM (the ceiling row is for the LoRA linear ops)")
+
     def grad_outputs(self, outputs) -> list[torch.Tensor]:
         """Fixed random output gradients (one per output tensor), made once per shape."""
         outputs = _as_list(outputs)
@@ -185,6 +194,9 @@ class LinearProblem(Problem):
     def forward(self, provider: str) -> Callable[[], object]:
         p = self.case.shape.p
         training = self.case.mode != "no-grad-fwd"
+        if provider == CEILING_PROVIDER:
+            weight = self.dense_weight()
+            return lambda: F.linear(self.x, weight, self.bias)
         if provider == "peft":
             layer = self._peft()
             layer.train(training)
@@ -207,6 +219,11 @@ class LinearProblem(Problem):
                 self.x, self.weight, self.bias, self.lora_a, self.lora_b, self.scaling, p, training=training
             )
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+    def dense_weight(self) -> torch.Tensor:
+        if self.int8:
+            return (self.weight_int8.float() * self.weight_scale[:, None]).to(self.dtype)
+        return self.weight
 
     def _peft(self):
         """peft 0.21.2's LoRA layer around this problem's base weight, its A and B set to this problem's."""
@@ -292,6 +309,8 @@ class PrefixProblem(Problem):
     def forward(self, provider: str) -> Callable[[], object]:
         s = self.case.shape
         decode = self.case.mode == "decode"
+        if provider == CEILING_PROVIDER:
+            self.dense_weight()  # raises Unavailable: prefix K/V has no base GEMM
         encoder = self._encoder(provider)
         tokens = torch.arange(s.P, device=self.device)
         if provider == "peft":

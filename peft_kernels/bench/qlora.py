@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from .cases import Case, LinearShape
-from .providers import BACKEND_PROVIDERS, LinearProblem, Unavailable, _OneLinear, _quiet_get_peft_model, _require_peft
+from .providers import (
+    BACKEND_PROVIDERS,
+    CEILING_PROVIDER,
+    LinearProblem,
+    Unavailable,
+    _OneLinear,
+    _quiet_get_peft_model,
+    _require_peft,
+)
 
 
 class QLoraProblem(LinearProblem):
@@ -36,6 +44,8 @@ class QLoraProblem(LinearProblem):
     def forward(self, provider: str) -> Callable[[], object]:
         p = self.case.shape.p
         training = self.case.mode != "no-grad-fwd"
+        if provider == CEILING_PROVIDER:
+            return super().forward(provider)
         if provider == "peft":
             layer = self._peft()
             layer.train(training)
@@ -52,6 +62,11 @@ class QLoraProblem(LinearProblem):
         if provider in BACKEND_PROVIDERS or provider == "reference+compile":
             raise Unavailable(f"no {provider} formula for lora_linear_4bit")
         raise ValueError(f"unknown provider {provider!r}")
+
+    def dense_weight(self) -> torch.Tensor:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(self.packed, self.quant_state).to(self.dtype)
 
     def _peft(self):
         if self._peft_layer is not None:
