@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import os
 import tempfile
 import warnings
@@ -194,6 +193,7 @@ def run_method(method, device, steps, decode_tokens, decode_reps):
                 "train_step_p80_ms": round(p80 * 1e3, 3),
                 "train_steps_per_s": round(1 / p50, 3),
                 "speedup_vs_peft": round(measure.quantiles(times["peft"])[0] / p50, 4),
+                "ratio_vs_peft": round(measure.paired_ratio(times["peft"], times[key]), 4),
                 "step_alloc_bytes": "" if alloc is None else alloc,
                 "step_peak_bytes": peak,
                 "saved_bytes": saved[key],
@@ -247,12 +247,9 @@ def main(argv=None):
                 f" {row['decode_tok_per_s_p80']}] same tokens: {row['same_tokens_as_peft']}"
             )
     if args.out and all_rows:
-        new = not os.path.exists(args.out)
-        with open(args.out, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(all_rows)
+        from peft_kernels.bench import measure
+
+        measure.append_rows(args.out, all_rows, list(all_rows[0]))
     return 0
 
 

@@ -7,7 +7,9 @@ Each table is printed from its file's latest revision (the ``git_sha`` of the la
 case: the last measurement of each case at that revision, so a re-run replaces a row instead of doubling it. Each
 is headed by "Revision <sha>, <date UTC>" (the rows' own) and a machine line (CPU model and cores read here, so
 run this on the machine that measured; versions from the rows). ``benchmarks/cpu_tables.sh`` runs the
-measurements and then this. Times are p50 [p20, p80]; "vs PEFT" = PEFT's p50 / ours (> 1: faster than PEFT).
+measurements and then this. Times are p50 [p20, p80]; "vs PEFT" (> 1: faster than PEFT) is the median over the
+interleaved rounds of PEFT's time / ours in the same round where the row has it (``ratio_vs_peft``), else PEFT's
+p50 / ours.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ def spread(p50: str, p20: str, p80: str, digits: int = 2) -> str:
     return f"{float(p50):.{digits}f} [{float(p20):.{digits}f}, {float(p80):.{digits}f}]"
 
 
-def ratio(theirs: str, ours: str) -> str:
-    return f"{float(theirs) / float(ours):.2f}×"
+def ratio(theirs: str, ours: str, paired: str | None = None) -> str:
+    """The row's median of paired per-round ratios when it has one (``measure.paired_ratio``), else p50 / p50."""
+    return f"{float(paired):.2f}×" if paired else f"{float(theirs) / float(ours):.2f}×"
 
 
 def ops_table(path: str) -> str:
@@ -99,9 +102,9 @@ def ops_table(path: str) -> str:
             mode,
             spread(peft["p50_ms"], peft["p20_ms"], peft["p80_ms"]),
             spread(ours["p50_ms"], ours["p20_ms"], ours["p80_ms"]),
-            ratio(peft["p50_ms"], ours["p50_ms"]),
+            ratio(peft["p50_ms"], ours["p50_ms"], ours.get("ratio_vs_peft")),
             f"{float(base['p50_ms']):.2f}" if base else NO_VALUE,
-            ratio(peft["p50_ms"], compiled["p50_ms"]) if compiled else NO_VALUE,
+            ratio(peft["p50_ms"], compiled["p50_ms"], compiled.get("ratio_vs_peft")) if compiled else NO_VALUE,
             f"{mb(peft['alloc_bytes'])} → {mb(ours['alloc_bytes'])}",
             f"{mb(peft['peak_bytes'])} → {mb(ours['peak_bytes'])}",
             saved,
@@ -133,7 +136,7 @@ def e2e_table(path: str) -> str:
             name,
             spread(*(peft[k] for k in step), digits=1),
             spread(*(ours[k] for k in step), digits=1),
-            ratio(peft["train_step_p50_ms"], ours["train_step_p50_ms"]),
+            ratio(peft["train_step_p50_ms"], ours["train_step_p50_ms"], ours.get("ratio_vs_peft")),
             f"{mb(peft['step_alloc_bytes'])} → {mb(ours['step_alloc_bytes'])}",
             f"{mb(peft['step_peak_bytes'])} → {mb(ours['step_peak_bytes'])}",
             f"{mb(peft['saved_bytes'])} → {mb(ours['saved_bytes'])}",

@@ -86,3 +86,32 @@ def test_e2e_and_prefix_tables(tables, tmp_path):
     text = tables.prefix_table(_write(tmp_path / "prefix.csv", prefix))
     assert "| 4 × 128 × 16 | 5.00 → 5.00 | 4.00 → 4.00 | 20.0 [19.0, 21.0] | 16.0 [15.0, 17.0] | 1.25× " in text
     assert "| 1.000 → 1.000 | 2.00 → 1.60 |" in text
+
+
+def test_ratio_column_is_the_median_of_paired_ratios_when_the_row_has_it(tables, tmp_path):
+    """PEFT 4.0 vs ours 3.2 at p50 would print 1.25×; the row's median of per-round ratios (1.02) wins."""
+    rows = [{**_op_row("peft", 4.0), "ratio_vs_peft": ""}, {**_op_row("reference", 3.2), "ratio_vs_peft": 1.02}]
+    text = tables.ops_table(_write(tmp_path / "cpu.csv", rows))
+    assert "| 4.00 [3.60, 4.40] | 3.20 [2.88, 3.52] | 1.02× |" in text
+
+
+def test_paired_ratio_cancels_drift_that_hits_both_providers_of_a_round():
+    from peft_kernels.bench import measure
+
+    # Round 2 ran on a slow stretch of the machine: both times doubled. Each round ours is 10% faster.
+    peft, ours = [1.1, 2.2, 1.1], [1.0, 2.0, 1.0]
+    assert measure.paired_ratio(peft, ours) == pytest.approx(1.1)
+    # Medians of the two lists alone see the same 1.1 here; with unequal drift they would not.
+    assert measure.paired_ratio([1.1, 3.3, 1.1, 1.1], [1.0, 3.0, 1.2, 1.2]) == pytest.approx((1.1 / 1.2 + 1.1) / 2)
+
+
+def test_append_rows_keeps_the_history_when_a_column_is_added(tmp_path):
+    from peft_kernels.bench import measure
+
+    path = str(tmp_path / "rows.csv")
+    measure.append_rows(path, [{"a": 1, "b": 2}], ["a", "b"])
+    measure.append_rows(path, [{"a": 3, "b": 4}], ["a", "b"])
+    measure.append_rows(path, [{"a": 5, "new": 9, "b": 6}], ["a", "new", "b"])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["a"], r["b"], r["new"]) for r in rows] == [("1", "2", ""), ("3", "4", ""), ("5", "6", "9")]

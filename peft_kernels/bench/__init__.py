@@ -18,8 +18,6 @@ GPU speed. ``benchmarks/test_ops.py`` runs the same cases under pytest-benchmark
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import sys
 import warnings
 
@@ -40,7 +38,8 @@ from .providers import (
 
 CSV_FIELDS = (
     "op", "mode", "shape", "dims", "provider", "dtype", "p50_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-    "frac_of_peak", "alloc_bytes", "peak_bytes", "saved_bytes", "speedup_vs_peft", "max_rel_err", "reps", "note",
+    "frac_of_peak", "alloc_bytes", "peak_bytes", "saved_bytes", "speedup_vs_peft", "ratio_vs_peft", "max_rel_err",
+    "reps", "note",
     "device", "torch", "cuda", "triton", "transformers", "peft", "bitsandbytes", "peft_kernels", "git_sha",
     "timestamp",
 )  # fmt: skip
@@ -167,6 +166,8 @@ def bench_case(case: Case, device: torch.device, providers, reps: int, warmup: i
             row.update(alloc_bytes="" if alloc is None else alloc, peak_bytes=peak)
             row["saved_bytes"] = saved.get(provider, "")
             row["speedup_vs_peft"] = round(peft_p50 / p50, 4) if peft_p50 else ""
+            if peft_p50:
+                row["ratio_vs_peft"] = round(measure.paired_ratio(times["peft"], times[provider]), 4)
             row["max_rel_err"] = f"{errors[provider]:.2e}" if provider in errors else ""
         rows.append(row)
     return rows
@@ -246,13 +247,7 @@ def print_table(rows: list[dict], file=None) -> None:
 
 
 def append_csv(rows: list[dict], path: str) -> None:
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    measure.append_rows(path, rows, list(CSV_FIELDS))
 
 
 def plot(rows: list[dict], path: str) -> bool:

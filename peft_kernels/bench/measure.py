@@ -2,7 +2,9 @@
 bytes allocated, and the versions every row is stamped with. Device-agnostic: CPU and CUDA take the same calls.
 
 Time: every repetition calls each provider once, the order rotating from one repetition to the next, so machine
-drift (a shared CPU box, GPU clocks) hits all providers alike; ratios are taken between medians of one run.
+drift (a shared CPU box, GPU clocks) hits all providers alike. A ratio to PEFT is the median over the rounds of
+the ratio within each round (``paired_ratio``), so a slow stretch of the machine cancels out of every ratio it
+touches; the medians themselves are reported too.
 CUDA calls are bracketed by synchronizes and timed with CUDA events; CPU calls with ``time.perf_counter``.
 Memory on CUDA: ``max_memory_allocated`` above what was allocated before the call. Memory on CPU: the profiler's
 allocator-level memory timeline (every CREATE and DESTROY, temporaries inside ops and autograd's backward too),
@@ -35,6 +37,33 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
         return statistics.median(s), s[0], s[-1]
     deciles = statistics.quantiles(s, n=10, method="inclusive")
     return statistics.median(s), deciles[1], deciles[7]
+
+
+def paired_ratio(reference: list[float], other: list[float]) -> float:
+    """median_i(reference[i] / other[i]) over the rounds of ``interleaved_times`` (> 1: ``other`` is faster)."""
+    return statistics.median(a / b for a, b in zip(reference, other, strict=True))
+
+
+def append_rows(path: str, rows: list[dict], fields: list[str]) -> None:
+    """Appends ``rows`` to the CSV at ``path`` (a header when the file is new). A file written before a column was
+    added is rewritten once under the longer header, its rows keeping their values (the new column left empty),
+    so one file keeps the history of every run."""
+    import csv
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    old_fields, old_rows = [], []
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields, old_rows = reader.fieldnames or [], list(reader)
+    rewrite = old_fields != list(fields)  # a new file, or one written before a column was added
+    fields = list(fields) + [name for name in old_fields if name not in fields]
+    with open(path, "w" if rewrite else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        if rewrite:
+            writer.writeheader()
+            writer.writerows(old_rows)
+        writer.writerows(rows)
 
 
 def synchronize(device: torch.device) -> None:
