@@ -23,17 +23,18 @@ import functools
 import torch
 
 # The base weight is ``weight`` (+ ``weight_scale`` for int8): formats are stated in ``peft_kernels/formats.py``.
-# ``keep_masks``: the caller can afford one byte per element of x to keep dropout masks for the backward (CPU,
-# where regenerating them costs more than the low-rank update); a backend that keeps them returns them after the
-# S_a in the second output (one bool (M, K) per adapter with p > 0), and the backward finds them in ``saved_s``.
+# The forward's second output is what its backward needs: [S_a], then, from the reference on CPU tensors only
+# (``reference.lora.keeps_masks``), each dropout keep mask (bool (M, K) per adapter with p > 0): regenerating one
+# there costs more than the low-rank update. Every other backend and device redraws the masks from the seeds. The
+# backward reads kept masks from ``saved_s`` and redraws the others.
 _QUANT_4BIT = (
     "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, Tensor code, "
     "int blocksize, int nested_blocksize, int[] shape"
 )
 SCHEMAS = {
     "lora_linear_fwd": "(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, "
-    "Tensor?[] lora_b_bias, float[] scaling, float[] dropout_p, Tensor? seeds, Tensor? weight_scale=None, "
-    "bool keep_masks=False) -> (Tensor, Tensor[])",
+    "Tensor?[] lora_b_bias, float[] scaling, float[] dropout_p, Tensor? seeds, Tensor? weight_scale=None) "
+    "-> (Tensor, Tensor[])",
     "lora_linear_bwd": "(Tensor dy, Tensor x, Tensor weight, Tensor[] lora_a, Tensor[] lora_b, Tensor[] saved_s, "
     "float[] scaling, float[] dropout_p, Tensor? seeds, bool[] output_mask, Tensor? weight_scale=None) "
     "-> (Tensor?, Tensor[], Tensor[])",

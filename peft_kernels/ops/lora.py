@@ -47,7 +47,10 @@ def _fwd_fake(*args, **kwargs):
     y = x.new_empty((x.shape[0], weight.shape[0]))
     acc = [torch.promote_types(a.dtype, torch.float32) for a in call.lora_a]
     saved = [x.new_empty((x.shape[0], a.shape[0]), dtype=dt) for a, dt in zip(call.lora_a, acc)]
-    if call.keep_masks:
+    # On CPU the automatic choice is the reference, which keeps its masks there (reference.lora.keeps_masks).
+    from ..backends.reference.lora import keeps_masks
+
+    if _dispatch.forced_backend() in (None, "reference") and keeps_masks(x):
         saved += [x.new_empty(x.shape, dtype=torch.bool) for p in call.dropout_p if p > 0.0]
     return y, saved
 
@@ -82,11 +85,9 @@ def _forward(ctx, meta, x, weight, weight_scale, bias, seeds, adapter_tensors):
     lora_b = list(adapter_tensors[1::_TENSORS_PER_ADAPTER])
     lora_b_bias = list(adapter_tensors[2::_TENSORS_PER_ADAPTER])
     forced = _dispatch.forced_backend()
-    # CPU: the reference keeps each dropout mask (1 byte per element) for the backward, because regenerating it
-    # costs more there than the low-rank update; the fused kernels regenerate it from the seed and keep nothing.
-    keep_masks = seeds is not None and x.device.type == "cpu" and forced in (None, "reference")
+    # saved: [S_a], then the dropout masks where the backend keeps them (the reference on CPU), else nothing more.
     y, saved = torch.ops.peft_kernels.lora_linear_fwd(
-        x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, weight_scale, keep_masks
+        x, weight, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, weight_scale
     )
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.forced_backend = forced

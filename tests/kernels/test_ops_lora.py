@@ -65,9 +65,11 @@ def _reference(inp, seeds, dy):
     """(y, S, dx, dA, dB) of the registered ops, forced onto the reference (CUDA dispatch would pick Triton)."""
     fwd_args = (inp["x"], inp["weight"], inp["bias"], [inp["lora_a"]], [inp["lora_b"]], [inp["lora_b_bias"]])
     with _dispatch.force_backend("reference"):
-        y, (shrink,) = torch.ops.peft_kernels.lora_linear_fwd(*fwd_args, [inp["scaling"]], [inp["p"]], seeds)
+        # saved: [S], then on CPU with p > 0 the kept mask (reference.lora.keeps_masks), read by the backward
+        y, saved = torch.ops.peft_kernels.lora_linear_fwd(*fwd_args, [inp["scaling"]], [inp["p"]], seeds)
+        shrink = saved[0]
         dx, (d_a,), (d_b,) = torch.ops.peft_kernels.lora_linear_bwd(
-            dy, inp["x"], inp["weight"], [inp["lora_a"]], [inp["lora_b"]], [shrink], [inp["scaling"]], [inp["p"]],
+            dy, inp["x"], inp["weight"], [inp["lora_a"]], [inp["lora_b"]], saved, [inp["scaling"]], [inp["p"]],
             seeds, [True, True],
         )  # fmt: skip
     return {"y": y, "S": shrink, "dx": dx, "dA": d_a, "dB": d_b}
@@ -345,24 +347,23 @@ def test_cuda_tensors_decode_rows_go_to_the_cuda_op_first(pretend_cuda, m, p, ex
 
 
 def test_kept_masks_are_the_regenerated_ones_and_give_the_same_gradients():
-    """keep_masks=True: the forward op returns each adapter's 1-byte mask (p > 0 only) after the S_a; the backward
-    op finds them in saved_s. Same bits as the mask regenerated from the seed, so the same gradients, bitwise."""
+    """On CPU the reference's forward op returns each adapter's 1-byte mask (p > 0 only) after the S_a; the backward
+    op finds them in saved_s. Same bits as the mask regenerated from the seed (the backward given only the S_a),
+    so the same gradients, bitwise."""
     case = LoraCase("km", 9, 33, 12, 4, torch.float32)
     inp = make_lora_inputs(case)
     a2, b2 = torch.randn(3, 33), torch.randn(12, 3)
     seeds = torch.tensor([11, 12], dtype=torch.int64)
     fwd = (inp["x"], inp["weight"], None, [inp["lora_a"], a2], [inp["lora_b"], b2], [None, None], [2.0, 0.5])
     dropout_p = [0.25, 0.0]  # the second adapter has no dropout, hence no mask
-    y, saved = torch.ops.peft_kernels.lora_linear_fwd(*fwd, dropout_p, seeds, None, True)
-    y_regen, saved_regen = torch.ops.peft_kernels.lora_linear_fwd(*fwd, dropout_p, seeds)
-    assert len(saved) == 3 and len(saved_regen) == 2 and saved[2].dtype == torch.bool
-    assert torch.equal(y, y_regen)
+    y, saved = torch.ops.peft_kernels.lora_linear_fwd(*fwd, dropout_p, seeds)
+    assert len(saved) == 3 and saved[2].dtype == torch.bool
     expected_mask = ref._keep_mask(inp["x"], 0.25, seeds, 0)
     assert torch.equal(saved[2], expected_mask) and 0 < int(saved[2].sum()) < saved[2].numel()
     dy = torch.randn(9, 12)
     bwd = (dy, inp["x"], inp["weight"], [inp["lora_a"], a2], [inp["lora_b"], b2])
     kept = torch.ops.peft_kernels.lora_linear_bwd(*bwd, saved, [2.0, 0.5], dropout_p, seeds, [True, True])
-    regen = torch.ops.peft_kernels.lora_linear_bwd(*bwd, saved_regen, [2.0, 0.5], dropout_p, seeds, [True, True])
+    regen = torch.ops.peft_kernels.lora_linear_bwd(*bwd, saved[:2], [2.0, 0.5], dropout_p, seeds, [True, True])
     assert torch.equal(kept[0], regen[0])
     for got, want in zip(kept[1] + kept[2], regen[1] + regen[2]):
         assert torch.equal(got, want)
@@ -374,8 +375,9 @@ def test_cpu_function_keeps_masks_and_calls_the_ops(monkeypatch):
     real = ref.lora_linear_fwd
 
     def recording(*args):
-        calls.append(args[10] if len(args) > 10 else False)
-        return real(*args)
+        y, saved = real(*args)
+        calls.append(len(saved))  # S, then the kept mask
+        return y, saved
 
     monkeypatch.setattr(ref, "lora_linear_fwd", recording)
     _dispatch.clear_choices()
@@ -383,4 +385,4 @@ def test_cpu_function_keeps_masks_and_calls_the_ops(monkeypatch):
     a = torch.randn(4, 16, requires_grad=True)
     y = ops.lora_linear(x, torch.randn(8, 16), None, a, torch.randn(8, 4), 2.0, 0.1, training=True)
     y.sum().backward()
-    assert calls == [True] and x.grad is not None and a.grad is not None
+    assert calls == [2] and x.grad is not None and a.grad is not None

@@ -99,8 +99,10 @@ def _truth(inp, w_deq, acc, case):
     a, b = inp["a"].to(acc), inp["b"].to(acc)
     bb = inp["bb"].to(acc) if inp["bb"] is not None else None
     p = 0.1 if inp["seeds"] is not None else 0.0
-    y, (s,) = ref16.lora_linear_fwd(x, w_deq, bias, [a], [b], [bb], [1.5], [p], inp["seeds"])
-    dx, (d_a,), (d_b,) = ref16.lora_linear_bwd(dy, x, w_deq, [a], [b], [s], [1.5], [p], inp["seeds"], [True, True])
+    y, (s, *kept) = ref16.lora_linear_fwd(x, w_deq, bias, [a], [b], [bb], [1.5], [p], inp["seeds"])  # kept: CPU mask
+    dx, (d_a,), (d_b,) = ref16.lora_linear_bwd(
+        dy, x, w_deq, [a], [b], [s, *kept], [1.5], [p], inp["seeds"], [True, True]
+    )
     return {"y": y, "S": s, "dx": dx, "dA": d_a, "dB": d_b}
 
 

@@ -71,9 +71,10 @@ def run_int8(backend_mod, inp, dy, seeds, x_dtype=None, a_dtype=None) -> dict:
     a, bb, lb = upcast(inp["lora_a"], ad), upcast(inp["lora_b"], ad), upcast(inp["lora_b_bias"], ad)
     cb, ws = inp["weight_int8"], inp["weight_scale"]
     s, p = [inp["scaling"]], [inp["p"]]
-    y, (shrink,) = backend_mod.lora_linear_int8_fwd(x, cb, ws, b, [a], [bb], [lb], s, p, seeds)
+    # kept: the reference's dropout mask on CPU tensors (reference.lora.keeps_masks), read by its backward
+    y, (shrink, *kept) = backend_mod.lora_linear_int8_fwd(x, cb, ws, b, [a], [bb], [lb], s, p, seeds)
     dx, (d_a,), (d_b,) = backend_mod.lora_linear_int8_bwd(
-        upcast(dy, xd), x, cb, ws, [a], [bb], [shrink], s, p, seeds, [True, True]
+        upcast(dy, xd), x, cb, ws, [a], [bb], [shrink, *kept], s, p, seeds, [True, True]
     )
     return {"y": y, "S": shrink, "dx": dx, "dA": d_a, "dB": d_b}
 

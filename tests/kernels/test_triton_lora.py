@@ -77,9 +77,10 @@ else:
         x, w, b = upcast(inp["x"], xd), upcast(inp["weight"], xd), upcast(inp["bias"], xd)
         a, bb, lb = upcast(inp["lora_a"], ad), upcast(inp["lora_b"], ad), upcast(inp["lora_b_bias"], ad)
         s, p = [inp["scaling"]], [inp["p"]]
-        y, (shrink,) = backend_mod.lora_linear_fwd(x, w, b, [a], [bb], [lb], s, p, seeds)
+        # kept: the reference's dropout mask on CPU tensors (reference.lora.keeps_masks), read by its backward
+        y, (shrink, *kept) = backend_mod.lora_linear_fwd(x, w, b, [a], [bb], [lb], s, p, seeds)
         dx, (d_a,), (d_b,) = backend_mod.lora_linear_bwd(
-            upcast(dy, xd), x, w, [a], [bb], [shrink], s, p, seeds, [True, True]
+            upcast(dy, xd), x, w, [a], [bb], [shrink, *kept], s, p, seeds, [True, True]
         )
         return {"y": y, "S": shrink, "dx": dx, "dA": d_a, "dB": d_b}
 

@@ -117,8 +117,6 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
     scale = call.weight_scale
     if scale is not None and (scale.dtype != torch.float32 or scale.stride(0) != 1 or scale.device != call.x.device):
         reasons.append("weight_scale must be a dense float32 vector on x's device")
-    if call.keep_masks and any(p > 0.0 for p in call.dropout_p):
-        reasons.append("keep_masks=True (the decode kernel has no dropout)")
     return reasons
 
 
@@ -133,7 +131,6 @@ def lora_linear_fwd(
     dropout_p: list[float],
     seeds: torch.Tensor | None,
     weight_scale: torch.Tensor | None = None,
-    keep_masks: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """y = x·Wᵀ + b + s·(x·Aᵀ·Bᵀ + b_B), (M <= 16, K % 16 == 0, fp16/bf16, <= 1 adapter, p = 0); returns (y, [S]).
 

@@ -9,8 +9,8 @@ Semantics (n active adapters, a = 1..n)::
 
 W is ``weight`` itself, or for a quantized base ``formats.dequantize(weight, weight_scale, x.dtype)`` (int8:
 ``(weight_int8 · weight_scale[:, None])`` in promote_types(x.dtype, float32), rounded once to x's dtype); neither
-``weight`` nor ``weight_scale`` of a quantized base receives a gradient. With ``keep_masks`` the forward also
-returns each m_a (p_a > 0) after the S_a, and the backward reads them instead of regenerating them.
+``weight`` nor ``weight_scale`` of a quantized base receives a gradient. On CPU tensors the forward also returns
+each m_a (p_a > 0) after the S_a (``keeps_masks``), and the backward reads them instead of regenerating them.
 
 Backward (W frozen, dW is the autograd Function's business)::
 
@@ -30,7 +30,6 @@ import torch
 
 from ...formats import dequantize
 from .dropout import dropout_keep_mask
-
 
 _ACC_DTYPES: dict[torch.dtype, torch.dtype] = {}
 
@@ -121,6 +120,14 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
     return []
 
 
+def keeps_masks(x: torch.Tensor) -> bool:
+    """Whether the forward returns its dropout masks for the backward (1 byte per element of x): on CPU tensors,
+    where regenerating a mask costs two more elementwise passes over M×K, more than the whole low-rank update
+    (measured: 3 ms uniform + 11 ms compare per 512×768 mask on the 2-core CI box). On a GPU the reference
+    regenerates them, as the fused kernels do. The ops' fake kernels read this too (output structure)."""
+    return x.is_cpu
+
+
 def lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -132,7 +139,6 @@ def lora_linear_fwd(
     dropout_p: list[float],
     seeds: torch.Tensor | None,
     weight_scale: torch.Tensor | None = None,
-    keep_masks: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """y = x·Wᵀ + b + Σ_a s_a·(x̂_a·A_aᵀ·B_aᵀ + b_Ba); returns (y, [S_a] + kept masks).
 
@@ -143,14 +149,11 @@ def lora_linear_fwd(
         lora_a: n tensors (r_a, K).  lora_b: n tensors (N, r_a).  lora_b_bias: n tensors (N,) or None.
         scaling, dropout_p: n floats.  seeds: int64 (n,) or None when every p is 0.
         weight_scale: None for a float weight; else W = formats.dequantize(weight, weight_scale, x.dtype) (int8).
-        keep_masks: also return m_a (bool (M, K)) of every adapter with p_a > 0 after the S_a, for the backward.
-            On CPU regenerating a mask costs two more elementwise passes over M×K, more than the whole low-rank
-            update (measured: 3 ms uniform + 11 ms compare per 512×768 mask on the 2-core CI box), so CPU calls
-            keep them, 1 byte per element; the fused GPU kernels regenerate instead and keep nothing.
+        Kept masks: m_a (bool (M, K)) of every adapter with p_a > 0, after the S_a, on CPU (``keeps_masks``).
     Accumulates in promote_types(dtype, float32); y has x's dtype, S_a has acc_a.
     """
     y = _base_linear(x, weight, weight_scale, bias)
-    return add_lora_fwd(y, x, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, keep_masks)
+    return add_lora_fwd(y, x, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, keeps_masks(x))
 
 
 def add_lora_fwd(

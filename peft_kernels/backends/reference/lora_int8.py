@@ -22,7 +22,7 @@ __all__ = ["BNB_INV_127", "bnb_weight_scale", "dequantize_bnb_int8", "dequantize
 
 
 def lora_linear_int8_fwd(x, weight_int8, weight_scale, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds):
-    """y = x·Wᵀ + b + Σ_a s_a·(x̂_a·A_aᵀ·B_aᵀ + b_Ba), W = weight_int8 · weight_scale[:, None]; returns (y, [S_a]).
+    """y = x·Wᵀ + b + Σ_a s_a·(x̂_a·A_aᵀ·B_aᵀ + b_Ba), W = weight_int8 · weight_scale[:, None]; returns (y, [S_a] + kept masks).
 
     Args: x (M, K); weight_int8 (N, K) int8; weight_scale (N,) fp32; the rest as ``lora.lora_linear_fwd``.
     """

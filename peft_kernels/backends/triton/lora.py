@@ -79,9 +79,9 @@ def lora_linear_fwd(
     dropout_p: list[float],
     seeds: torch.Tensor | None,
     weight_scale: torch.Tensor | None = None,
-    keep_masks: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """y = x·Wᵀ + b + s·((m ⊙ x)·Aᵀ/(1-p)·Bᵀ + b_B); returns (y, [S]) as the reference does (one adapter).
+    Keeps no dropout mask: the backward redraws it from the seed.
 
     Args:
         x: (M, K) any strides.  weight: (N, K) any strides.  bias: (N,) or None.
@@ -89,7 +89,6 @@ def lora_linear_fwd(
         seeds: int64 (1,) when p > 0.
         weight_scale: None for a float weight of x's dtype; an int8 weight's fp32 per-row scale (N,) otherwise
             (F2 with IS_INT8, see ``lora_int8.py``).
-        keep_masks: False here (the backward redraws the mask from the seed; ``not_supported_reasons`` declines True).
     Kernels: with p > 0 the mask kernel (``dropout.dropout_bits``), then F1 (S, fp32) and F2 (y in x's dtype, one
     fp32 accumulator). The call must pass
     ``not_supported_reasons`` (the dispatcher's choice); it is not checked again here.
@@ -234,11 +233,8 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
     ``args`` in the op's schema order (``backends/__init__.py``), trailing defaults optional."""
     call = bind(op_name, args)
     if op_name == "lora_linear_fwd":
-        reasons = call_reasons(None, call.x, call.weight, call.weight_scale, call.bias, call.lora_a, call.lora_b,
-                               call.lora_b_bias, [], call.dropout_p, call.seeds)  # fmt: skip
-        if call.keep_masks and any(p > 0.0 for p in call.dropout_p):
-            reasons.append("keep_masks=True (the backward redraws the packed dropout mask from the seed, keeps none)")
-        return reasons
+        return call_reasons(None, call.x, call.weight, call.weight_scale, call.bias, call.lora_a, call.lora_b,
+                            call.lora_b_bias, [], call.dropout_p, call.seeds)  # fmt: skip
     return call_reasons(call.dy, call.x, call.weight, call.weight_scale, None, call.lora_a, call.lora_b, [],
                         call.saved_s, call.dropout_p, call.seeds)  # fmt: skip
 
