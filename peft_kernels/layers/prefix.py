@@ -94,7 +94,9 @@ class KVBuffer:
         if k.dtype != dtype or v.dtype != dtype:
             dtype = torch.promote_types(torch.promote_types(dtype, k.dtype), v.dtype)
         need = self.length + k_shape[2]
-        if need > capacity or dtype != k_buf.dtype or k.device != k_buf.device or self._exposed:
+        # is_cpu first: comparing .device builds two torch.device objects (per layer and step, CPU the common case)
+        moved = k.is_cpu != k_buf.is_cpu or (not k.is_cpu and k.device != k_buf.device)
+        if need > capacity or dtype != k_buf.dtype or moved or self._exposed:
             if need > capacity:
                 # The first append sizes an unplanned buffer exactly; later ones (decoding past the plan) grow 1.5x.
                 grow = max(capacity // 2, _REGROW_MIN_ROWS) if self.appends > 0 else 0
