@@ -186,9 +186,10 @@ def prefix_kv_buffers(
         # glibc's mmap threshold (32 MiB at most), so every forward would map fresh pages and fault them in (the op
         # benchmark's gpt2 B=4 T=128 P=16 training step ran 2x slower so); these are reused from the heap, and each
         # fresh tensor has its own version counter already (no .data view per buffer).
+        # Allocated in the order the fill writes them (k_0, v_0, k_1, …), so one layer's pair is adjacent in the heap.
         shape = (batch_size, heads, rows, head_dim)
-        k_bufs = [prefix.new_empty(shape) for _ in range(n_layers)]
-        v_bufs = [prefix.new_empty(shape) for _ in range(n_layers)]
+        bufs = [prefix.new_empty(shape) for _ in range(2 * n_layers)]
+        k_bufs, v_bufs = bufs[0::2], bufs[1::2]
     else:
         # One allocation on accelerators (their caching allocators reuse it): one fill launch for every layer.
         # .data: same memory, own version counter per layer and per K/V (see the module docstring).
