@@ -19,7 +19,7 @@ once to the buffers' dtype: a kernel doing the same sequential fp32 additions is
 
 Memory traffic: fill reads the prefix once per batch row (B·L·2·Hkv·P·hd elements read and written; the kernel
 reads it once); append reads and writes 2·B·Hkv·T·hd elements; the gradient stacks the B prefix rows of every
-layer (an [L, 2, B, Hkv, P, hd] temporary the kernel never builds) and reads it once.
+layer (an [L·2, B, Hkv, P, hd] temporary the kernel never builds) and reads it once.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def prefix_kv_fill(prefix: torch.Tensor, k_bufs: list[torch.Tensor], v_bufs: lis
     Rows P: of every buffer are left untouched.
     """
     n_layers, _, n_heads, n_prefix, head_dim = prefix.shape
+    if n_layers == 0:
+        return
     batch = k_bufs[0].shape[0]
     # [L, 2, Hkv, P, hd] → expanded (no copy) [L·2, B, Hkv, P, hd] → views in the order k_0, v_0, k_1, v_1, …
     sources = prefix.unsqueeze(2).expand(n_layers, 2, batch, n_heads, n_prefix, head_dim).flatten(0, 1).unbind(0)
