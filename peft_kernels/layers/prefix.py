@@ -12,10 +12,10 @@ Per forward: ``prefix_kv_buffers`` writes the prefix into every layer with ONE `
 runs ``ops.kv_append`` (rows ``n … n+T-1``, in place) and returns the views ``K_l[:, :, :n+T]``, so no step
 re-concatenates the cache (a ``DynamicCache`` ``torch.cat`` allocates and copies ``n+T`` rows per layer per step).
 
-On accelerators one allocation holds every layer, which keeps the fill a single launch (equal layer strides); on
-the CPU each layer has its own (see ``prefix_kv_buffers``). Each ``K_l``/``V_l`` is taken with
-``.data`` so that it gets its own autograd version counter: an in-place write to layer l must not invalidate
-views of layer l' < l that attention saved for backward (views of one base share the base's counter).
+On accelerators one allocation holds every layer, which keeps the fill a single launch (equal layer strides), and
+each ``K_l``/``V_l`` is taken from it with ``.data``; on the CPU every ``K_l`` and ``V_l`` is its own allocation (see
+``prefix_kv_buffers``). Either way each has its own autograd version counter: an in-place write to layer l must not
+invalidate views of layer l' < l that attention saved for backward (views of one base share the base's counter).
 
 Never silently wrong: when an append does not fit (more rows than S, a wider dtype, another device) the buffer is
 reallocated (``_REGROW`` more rows, contents copied by ``kv_append``, differentiably); when views handed out while
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.prefix import append_checked, kv_append, prefix_kv_fill
+from ..ops.prefix import append_checked, fill_checked, kv_append
 
 # Growth when an append overflows a buffer that has already been appended to (a decode loop past the planned
 # length): 1.5x the rows, at least this many more, so the copies amortize to O(1) per token.
@@ -94,7 +94,9 @@ class KVBuffer:
         if k.dtype != dtype or v.dtype != dtype:
             dtype = torch.promote_types(torch.promote_types(dtype, k.dtype), v.dtype)
         need = self.length + k_shape[2]
-        if need > capacity or dtype != k_buf.dtype or k.device != k_buf.device or self._exposed:
+        # is_cpu first: comparing .device builds two torch.device objects (per layer and step, CPU the common case)
+        moved = k.is_cpu != k_buf.is_cpu or (not k.is_cpu and k.device != k_buf.device)
+        if need > capacity or dtype != k_buf.dtype or moved or self._exposed:
             if need > capacity:
                 # The first append sizes an unplanned buffer exactly; later ones (decoding past the plan) grow 1.5x.
                 grow = max(capacity // 2, _REGROW_MIN_ROWS) if self.appends > 0 else 0
@@ -179,16 +181,21 @@ def prefix_kv_buffers(
     """
     n_layers, _, heads, prefix_len, head_dim = prefix.shape
     rows = max(int(capacity or 0), prefix_len)
-    if prefix.device.type == "cpu":
-        # One allocation per layer on the CPU: a single buffer for all layers is usually above glibc's mmap
-        # threshold (32 MiB at most), so every forward would map fresh pages and fault them in (the op benchmark's
-        # gpt2 B=4 T=128 P=16 training step ran 2x slower so); per-layer buffers are reused from the heap.
-        storages = [prefix.new_empty((2, batch_size, heads, rows, head_dim)) for _ in range(n_layers)]
+    if prefix.is_cpu:
+        # Separate allocations per layer and per K/V on the CPU: a single buffer for all layers is usually above
+        # glibc's mmap threshold (32 MiB at most), so every forward would map fresh pages and fault them in (the op
+        # benchmark's gpt2 B=4 T=128 P=16 training step ran 2x slower so); these are reused from the heap, and each
+        # fresh tensor has its own version counter already (no .data view per buffer).
+        # Allocated in the order the fill writes them (k_0, v_0, k_1, …), so one layer's pair is adjacent in the heap.
+        shape = (batch_size, heads, rows, head_dim)
+        bufs = [prefix.new_empty(shape) for _ in range(2 * n_layers)]
+        k_bufs, v_bufs = bufs[0::2], bufs[1::2]
     else:
         # One allocation on accelerators (their caching allocators reuse it): one fill launch for every layer.
-        storages = list(prefix.new_empty((n_layers, 2, batch_size, heads, rows, head_dim)))
-    # .data: same memory, own version counter per layer and per K/V (see the module docstring).
-    k_bufs = [storage[0].data for storage in storages]
-    v_bufs = [storage[1].data for storage in storages]
-    k_bufs, v_bufs = prefix_kv_fill(prefix, k_bufs, v_bufs, backend=backend)
+        # .data: same memory, own version counter per layer and per K/V (see the module docstring).
+        storage = prefix.new_empty((n_layers, 2, batch_size, heads, rows, head_dim))
+        k_bufs = [layer_kv.data for layer_kv in storage[:, 0].unbind(0)]
+        v_bufs = [layer_kv.data for layer_kv in storage[:, 1].unbind(0)]
+    # The checks of ops.prefix_kv_fill hold by construction (buffers made from the prefix's shape, dtype, device).
+    fill_checked(prefix, k_bufs, v_bufs, backend)
     return [KVBuffer(k, v, prefix_len, backend) for k, v in zip(k_bufs, v_bufs)]

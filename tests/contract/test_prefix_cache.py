@@ -21,7 +21,6 @@ from _models import make_inputs, make_model
 from _tolerances import EXACT, FP32_SAME_MATH, assert_close
 
 import peft_kernels as pk
-from peft_kernels import ops
 from peft_kernels.layers import prefix as layers_prefix
 from peft_kernels.tuners import prefix_cache_builder
 from peft_kernels.tuners.prefix_kv_cache import PrefixKVCache, PrefixKVLayer
@@ -48,20 +47,20 @@ def cache_mode(mode: str):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts prefix_kv_write calls (and layers filled), kv_append calls and KVBuffer reallocations."""
+    """Counts prefix_kv_fill calls (and layers filled), kv_append calls and KVBuffer reallocations."""
     counts = {"write": 0, "layers": 0, "append": 0, "realloc": 0, "rows": []}
     real_write, real_append, real_append_checked, real_realloc = (
-        ops.prefix_kv_write,
+        layers_prefix.fill_checked,
         layers_prefix.kv_append,
         layers_prefix.append_checked,
         layers_prefix.KVBuffer._replace,
     )
 
-    def write(prefix, k_bufs, v_bufs, backend=None):
+    def write(prefix, k_bufs, v_bufs, backend):  # prefix_kv_buffers' route (its checks already made)
         counts["write"] += 1
         counts["layers"] += len(k_bufs)
         counts["rows"].append(k_bufs[0].shape[2])
-        return real_write(prefix, k_bufs, v_bufs, backend=backend)
+        return real_write(prefix, k_bufs, v_bufs, backend)
 
     def append(*args, **kwargs):
         counts["append"] += 1
@@ -75,7 +74,7 @@ def calls(monkeypatch):
         counts["realloc"] += 1
         return real_realloc(self, *args)
 
-    monkeypatch.setattr(layers_prefix, "prefix_kv_fill", write)  # ops.prefix_kv_write is its alias
+    monkeypatch.setattr(layers_prefix, "fill_checked", write)
     monkeypatch.setattr(layers_prefix, "kv_append", append)
     monkeypatch.setattr(layers_prefix, "append_checked", append_checked)
     monkeypatch.setattr(layers_prefix.KVBuffer, "_replace", realloc)

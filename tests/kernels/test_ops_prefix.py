@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tolerances import assert_close_to_ref
+from _tolerances import EXACT, FP32_SAME_MATH, assert_close, assert_close_to_ref
 
 from peft_kernels.ops import _dispatch, kv_append, prefix_kv_write
 
@@ -233,3 +233,39 @@ def test_backend_environment_variable_is_read_on_every_call(monkeypatch):
     monkeypatch.delenv(_dispatch.ENV_VAR)
     _dispatch.run_with_backend(None, lambda: seen.append(_dispatch.forced_backend()))
     assert seen == ["reference", None]
+
+
+def test_zero_layer_fill_writes_nothing():
+    prefix = torch.randn(0, 2, 3, 4, 8)
+    k_bufs, v_bufs = prefix_kv_write(prefix, [], [])
+    assert k_bufs == [] and v_bufs == []
+
+
+def test_cpu_cache_buffers_keep_saved_views_of_earlier_layers_valid():
+    """Each layer's K and V are written in place; a product saved for backward from layer 0 must survive the
+    appends to layers 1 and 2 (as attention saves every layer's K/V), and the gradients equal the cat graph's."""
+    from peft_kernels.layers.prefix import prefix_kv_buffers
+
+    n_layers, batch, heads, prefix_len, new, head_dim = SHAPES["odd_hd"]
+    prefix = torch.randn(n_layers, 2, heads, prefix_len, head_dim, dtype=torch.float64, requires_grad=True)
+    ks = [torch.randn(batch, heads, new, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(n_layers)]
+    buffers = prefix_kv_buffers(prefix, batch, prefix_len + new)
+    loss = 0
+    for layer, buffer in enumerate(buffers):
+        keys, values = buffer.append(ks[layer], 2 * ks[layer])
+        loss = loss + (keys * values).sum()  # saves keys and values of this layer for backward
+    loss.backward()
+    got = prefix.grad.clone(), [k.grad.clone() for k in ks]
+    prefix.grad = None
+    for k in ks:
+        k.grad = None
+    truth = 0
+    for layer in range(n_layers):
+        keys = torch.cat([prefix[layer, 0].expand(batch, -1, -1, -1), ks[layer]], dim=2)
+        values = torch.cat([prefix[layer, 1].expand(batch, -1, -1, -1), 2 * ks[layer]], dim=2)
+        truth = truth + (keys * values).sum()
+    truth.backward()
+    # fp64 on both sides, only the summation order over the batch differs: the same-math tolerance is ample
+    assert_close(got[0], prefix.grad, FP32_SAME_MATH, "dprefix")
+    for grad, k in zip(got[1], ks):
+        assert_close(grad, k.grad, EXACT, "dk")  # rows of the gradient, copied: bitwise

@@ -19,7 +19,7 @@ once to the buffers' dtype: a kernel doing the same sequential fp32 additions is
 
 Memory traffic: fill reads the prefix once per batch row (B·L·2·Hkv·P·hd elements read and written; the kernel
 reads it once); append reads and writes 2·B·Hkv·T·hd elements; the gradient stacks the B prefix rows of every
-layer (an [L, 2, B, Hkv, P, hd] temporary the kernel never builds) and reads it once.
+layer (an [L·2, B, Hkv, P, hd] temporary the kernel never builds) and reads it once.
 """
 
 from __future__ import annotations
@@ -34,13 +34,16 @@ def prefix_kv_fill(prefix: torch.Tensor, k_bufs: list[torch.Tensor], v_bufs: lis
         prefix: (L, 2, Hkv, P, hd).  k_bufs, v_bufs: L tensors (B, Hkv, S >= P, hd), prefix's dtype, any strides.
     Rows P: of every buffer are left untouched.
     """
-    n_prefix = prefix.shape[3]
-    for layer, (k_buf, v_buf) in enumerate(zip(k_bufs, v_bufs)):
-        batch = k_buf.shape[0]
-        # prefix[layer, 0]: [Hkv, P, hd] → expanded (no copy) to [B, Hkv, P, hd]
-        # narrow, not [:, :, :P]: the same view at a fraction of the Python indexing cost (per layer per step)
-        k_buf.narrow(2, 0, n_prefix).copy_(prefix[layer, 0].expand(batch, -1, -1, -1))
-        v_buf.narrow(2, 0, n_prefix).copy_(prefix[layer, 1].expand(v_buf.shape[0], -1, -1, -1))
+    n_layers, _, n_heads, n_prefix, head_dim = prefix.shape
+    if n_layers == 0:
+        return
+    batch = k_bufs[0].shape[0]
+    # [L, 2, Hkv, P, hd] → expanded (no copy) [L·2, B, Hkv, P, hd] → views in the order k_0, v_0, k_1, v_1, …
+    sources = prefix.unsqueeze(2).expand(n_layers, 2, batch, n_heads, n_prefix, head_dim).flatten(0, 1).unbind(0)
+    # narrow, not [:, :, :P]: the same view at a fraction of the Python indexing cost
+    targets = [buf.narrow(2, 0, n_prefix) for pair in zip(k_bufs, v_bufs) for buf in pair]
+    # One call for the 2L copies: the per-copy Python and dispatch overhead was most of the fill at training sizes.
+    torch._foreach_copy_(targets, sources)
 
 
 def kv_append(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> None:
@@ -63,16 +66,13 @@ def prefix_kv_fill_bwd(dk_bufs: list[torch.Tensor], dv_bufs: list[torch.Tensor],
     """
     dtype = dk_bufs[0].dtype
     acc = torch.promote_types(dtype, torch.float32)
-    # [L, 2, B, Hkv, P, hd]: the prefix rows of every buffer gradient
-    rows = torch.stack(
-        [torch.stack([dk[:, :, :prefix_len], dv[:, :, :prefix_len]]) for dk, dv in zip(dk_bufs, dv_bufs)]
-    )
-    n_layers, _, batch, n_heads, _, head_dim = rows.shape
-    total = torch.zeros((n_layers, 2, n_heads, prefix_len, head_dim), dtype=acc, device=rows.device)
-    for b in range(batch):
-        # One elementwise addition per batch row (promotes rows[:, :, b] exactly to acc): a fixed order.
-        total.add_(rows[:, :, b])
-    return total.to(dtype)
+    # [L·2, B, Hkv, P, hd]: the prefix rows of every buffer gradient (k_0, v_0, k_1, …), one copy
+    rows = torch.stack([grad.narrow(2, 0, prefix_len) for pair in zip(dk_bufs, dv_bufs) for grad in pair])
+    total = torch.zeros((rows.shape[0], *rows.shape[2:]), dtype=acc, device=rows.device)
+    for row in rows.unbind(1):
+        # One elementwise addition per batch row (promotes the row exactly to acc): a fixed order.
+        total.add_(row)
+    return total.to(dtype).view(len(dk_bufs), 2, *rows.shape[2:])
 
 
 def not_supported_reasons(op_name: str, *args) -> list[str]:
