@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
 import os
 import platform
@@ -195,6 +194,8 @@ def run_cpu(args) -> list[dict]:
             rows.append({**base, "metric": "bytes_allocated", "unit": "B", "p50": total, "p20": total, "p80": total})
             rows.append({**base, "metric": "peak_bytes", "unit": "B", "p50": peak, "p20": peak, "p80": peak})
             rows.append({**base, "metric": "time", "unit": "ms", "p50": p50, "p20": p20, "p80": p80})
+            paired = measure.paired_ratio(times["peft"], times[provider])  # PEFT's time / this one's, per round
+            rows.append({**base, "metric": "ratio_vs_peft", "unit": "x", "p50": paired, "p20": "", "p80": ""})
 
         # ---- decode: per generated token from two lengths
         per_len = {}
@@ -310,13 +311,7 @@ def write_rows(rows: list[dict], path: str, device: str, threads: int) -> None:
         git_sha=measure.git_sha(),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(),
     )
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**extra, **row})
+    measure.append_rows(path, [{**extra, **row} for row in rows], fields)
     print(f"wrote {len(rows)} rows to {path}")
 
 

@@ -177,7 +177,7 @@ def prefix_table(path: str, ours: str = "pk-fused") -> str:
             f"{mb(get('peft', 'peak_bytes')['p50'])} → {mb(get(ours, 'peak_bytes')['p50'])}",
             spread(theirs_t["p50"], theirs_t["p20"], theirs_t["p80"], digits=1),
             spread(ours_t["p50"], ours_t["p20"], ours_t["p80"], digits=1),
-            ratio(theirs_t["p50"], ours_t["p50"]),
+            ratio(theirs_t["p50"], ours_t["p50"], (get(ours, "ratio_vs_peft") or {}).get("p50")),
             " → ".join(f"{float(r['p50']) / 1e6:.3f}" if r else NO_VALUE for r in per_token),
             " → ".join(f"{float(r['p50']):.2f}" if r else NO_VALUE for r in per_token_ms),
         ]
