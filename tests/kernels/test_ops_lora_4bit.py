@@ -70,7 +70,7 @@ def test_native_chunk_decode_is_the_torch_decode_bit_for_bit(fmt, dtype, route, 
         monkeypatch.setattr(ref4, "_bnb_c_function", lambda name: None)
     elif ref4._bnb_c_function("cdequantize_blockwise_cpu_nf4_fp32") is None:
         pytest.skip("this bitsandbytes' native library has no cdequantize_blockwise_cpu_* function: its op serves")
-    monkeypatch.setattr(ref4, "MIN_CHUNK_ELEMENTS", 1)  # several chunks even at these sizes
+    monkeypatch.setattr(ref4, "MIN_CHUNK_BYTES", 1)  # several chunks even at these sizes
     quant_type, nested, blocksize, storage = fmt
     torch.manual_seed(4)
     for n, k in NATIVE_SHAPES:
@@ -127,7 +127,7 @@ def _truth(inp, w_deq, scaling, acc):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
 def test_op_forward_and_gradients(shape_id, dtype, quant_type, nested, monkeypatch):
-    monkeypatch.setattr(ref4, "MIN_CHUNK_ELEMENTS", 1)  # several row chunks even at these sizes
+    monkeypatch.setattr(ref4, "MIN_CHUNK_BYTES", 1)  # several row chunks even at these sizes
     torch.manual_seed(2)
     inp, packed, state = _op_inputs(shape_id, dtype, quant_type, nested)
     scaling = 0.75

@@ -18,20 +18,27 @@ bit for bit bnb's and so is their rounding (tests/kernels/test_ops_lora_4bit.py 
 Semantics: y = x·W_deqᵀ + b, then the LoRA terms exactly as ``lora.py``; backward dx = dY·W_deq + LoRA terms.
 Neither the codes nor the scales receive a gradient.
 
-Memory: the weight is decoded in chunks, each used once and dropped, so no N×K dequantized tensor exists. The
-forward decodes row chunks W[rows] and writes y[:, rows] in place (no M×rows temporary); the backward decodes
-column chunks W[:, cols] (whole blocks of every row) and writes dx[:, cols] = dY·W[:, cols], one GEMM over the
-full N, or, where those do not fit or bnb's kernel is absent, accumulates dY[:, rows]·W[rows] into dx. A chunk's
-live bytes (``chunk_budget``) plus the fp32 block scales, decoded once per call, stay ≤ 1/8 of the dequantized
-weight's bytes; chunks hold at least ``MIN_CHUNK_ELEMENTS`` (128k) elements, so that bound holds from N·K ≥ 4M
-elements (a 2048×2048 projection) and smaller weights may exceed it by at most ~0.8 MB (128k elements × 6 bytes).
+Memory: the weight is decoded in row chunks, each used once and overwritten by the next (one buffer per call), so
+no N×K dequantized tensor exists. The forward decodes W[rows] and writes y[:, rows] in place (no M×rows
+temporary); the backward accumulates dx += dY[:, rows]·W[rows]. A chunk's live bytes (``chunk_budget``: decoded
+values, decode temporaries, the backward's widened copy) plus the fp32 block scales, decoded once per call, stay
+≤ 1/8 of the dequantized weight's bytes; chunks hold at least ``MIN_CHUNK_BYTES`` (768 KiB), the budget of a
+4M-element bf16 weight with blocksize 64, so that bound holds from N·K ≥ 4M elements (a 2048×2048 projection)
+and a smaller weight's chunk may exceed it, by at most 768 KiB.
 
 Decoders (``cpu_decoder`` names the one a call uses): this file's torch decode is the spec and the fallback.
 When bitsandbytes has registered its native CPU kernel ``torch.ops.bitsandbytes.dequantize_4bit`` (it has, once
 bitsandbytes is imported, which making a 4-bit weight needs) and the code table is bnb's NF4 or FP4, K is even
-and x is fp16/bf16/fp32, each chunk is decoded by that kernel instead: ~10x faster than the torch decode, and
-bit for bit the same (tests/kernels/test_ops_lora_4bit.py). bnb's blocks run over the flattened weight, so those
-chunks start on a block boundary (a multiple of blocksize / gcd(K, blocksize) rows).
+and x is fp16/bf16/fp32, each chunk is decoded by bnb's C kernel instead, called directly into the call's chunk
+buffer (its op where this bitsandbytes lacks the C symbol): ~10x faster than the torch decode, and bit for bit
+the same (tests/kernels/test_ops_lora_4bit.py). bnb's blocks run over the flattened weight, so those chunks start
+on a block boundary (a multiple of blocksize / gcd(K, blocksize) rows).
+
+Which bnb CPU path PEFT's side takes (``bnb.matmul_4bit``, bitsandbytes 0.50.2): on the standard layout, with or
+without grad, the whole N×K weight is decoded by the same C kernel (through its op, a fresh N×K tensor per call)
+and multiplied by one GEMM, in the backward again. Only after bnb's AVX512-BF16 repack (first no-grad eval
+forward on such CPUs, ``quant_state.packing_format_for_cpu``) does it run its fused bf16 kernel instead; this
+path reads that layout through ``layers.lora_4bit.unpack_cpu_layout`` (decoded as the standard one).
 """
 
 from __future__ import annotations
@@ -45,9 +52,10 @@ import torch
 
 from .lora import DECODE_BLOCK_ELEMENTS, DECODE_TOKENS_MAX, _acc_dtype, add_lora_bwd, add_lora_fwd
 
-# Elements decoded at once at least: each chunk costs a few calls (~50-80 µs on a CPU), so tiny chunks of small
-# weights would cost more than the decode itself.
-MIN_CHUNK_ELEMENTS = 1 << 17
+# Live bytes of a chunk at least (module docstring: the largest floor that keeps the 1/8 bound from N·K = 4M on).
+# Small chunks cost GEMM speed: the backward's dx += dY[:, rows]·W[rows] passes over dx once per chunk; at
+# 768×768, M = 256 (fp32, one CPU thread) 160-row chunks ran at 0.92x of one GEMM, 256-row ones at 0.97x (measured).
+MIN_CHUNK_BYTES = 768 << 10
 # Decode-sized calls (M ≤ DECODE_TOKENS_MAX) are matrix-vector products bound by reading each chunk: chunks of at
 # most DECODE_BLOCK_ELEMENTS (the int8 reference's decode block, 1 MiB in fp32) stay in the core's L2 between the
 # decode that writes them and the product that reads them.
@@ -66,9 +74,9 @@ def chunk_budget(n_rows: int, k: int, weight_itemsize: int, blocksize: int) -> i
 
 
 def chunk_rows(n_rows: int, k: int, bytes_per_element: int, budget: int, row_multiple: int = 1) -> int:
-    """Rows per chunk: rows·K·bytes_per_element ≤ budget, at least MIN_CHUNK_ELEMENTS elements (small weights), a
-    multiple of ``row_multiple`` (chunks that start on a bnb block)."""
-    rows = max(budget // (k * bytes_per_element), MIN_CHUNK_ELEMENTS // max(k, 1), 1)
+    """Rows per chunk: rows·K·bytes_per_element ≤ max(budget, MIN_CHUNK_BYTES), a multiple of ``row_multiple``
+    (chunks that start on a bnb block)."""
+    rows = max(max(budget, MIN_CHUNK_BYTES) // (max(k, 1) * bytes_per_element), 1)
     return _rounded_rows(n_rows, rows, row_multiple)
 
 
