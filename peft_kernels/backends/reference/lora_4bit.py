@@ -284,8 +284,8 @@ def _call_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, n
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     """t's bytes as a contiguous 1-D uint8 tensor (t itself when it is one: a reinterpreting view costs ~10 µs)."""
-    if t.dtype == torch.uint8 and t.dim() == 1 and t.is_contiguous():
-        return t
+    if t.dtype == torch.uint8:
+        return t if t.dim() == 1 else t.reshape(-1)  # bnb's packed weight is (N·K/2, 1)
     return t.reshape(-1).view(torch.uint8)
 
 
@@ -309,6 +309,7 @@ def _row_chunks(
     if max_elements is not None and step * k > max_elements:
         step = _rounded_rows(n_rows, max(max_elements // k, 1), row_multiple)
     if quant_type is not None:
+        data = data.contiguous()  # (it is, as bnb stores it) held here while the decoder reads it by address
         decode = _native_decoder(data, scales, quant_type, dtype, blocksize, k)
         buffer = torch.empty((step, k), dtype=dtype, device=data.device)
         for r0 in range(0, n_rows, step):
