@@ -140,6 +140,9 @@ def test_op_forward_and_gradients(shape_id, dtype, quant_type, nested, monkeypat
     eager_y, eager_leaves = _truth(inp, w_deq, scaling, dtype)
     eager_y.backward(dy)
     assert_close_to_ref(y.detach(), eager_y.detach(), truth_y.detach(), dtype, "y")
+    with torch.no_grad():  # inference calls take the forward op alone (no autograd node): the same y
+        y_inference = lora_linear_4bit(inp["x"], packed, state, inp["bias"], inp["lora_a"], inp["lora_b"], scaling)
+    assert y_inference.grad_fn is None and torch.equal(y_inference, y.detach())
     for name, leaf in zip(("x", "lora_a", "lora_b"), range(3)):
         got = inp[name].grad
         assert_close_to_ref(got, eager_leaves[leaf].grad, truth_leaves[leaf].grad, dtype, f"d{name}")
