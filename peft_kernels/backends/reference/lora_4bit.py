@@ -59,7 +59,7 @@ MIN_CHUNK_BYTES = 768 << 10
 # Decode-sized calls (M ≤ DECODE_TOKENS_MAX) are matrix-vector products bound by reading each chunk: chunks of at
 # most DECODE_BLOCK_ELEMENTS (the int8 reference's decode block, 1 MiB in fp32) stay in the core's L2 between the
 # decode that writes them and the product that reads them.
-# Chunks of a multiple of this many rows (or columns) where they hold that many: MKL's sgemm on a 256×768 x
+# Chunks of a multiple of this many rows where they hold that many: MKL's sgemm on a 256×768 x
 # against a 77-row chunk ran 13% slower than against an 80-row one (one CPU thread, measured).
 GEMM_ROW_MULTIPLE = 16
 # Live bytes per element of a chunk beyond the decoded values (dtype bytes): the torch decode's int32 byte indices
@@ -350,7 +350,7 @@ def _base_backward(dy, x, quant) -> torch.Tensor:
     fp32) and rounded once; W_deq is rounded to x's dtype first (the forward's), then widened.
 
     Row chunks, each a GEMM with inner dimension rows accumulated into dx: at 768×768, M = 256 on one CPU thread
-    160-row chunks ran at 0.97x of one GEMM, where column chunks dx[:, cols] = dY·W[:, cols] (strided output, a
+    256-row chunks ran at 0.97x of one GEMM, where column chunks dx[:, cols] = dY·W[:, cols] (strided output, a
     gather of each chunk's codes) ran at 0.87x (measured)."""
     acc = _acc_dtype(x.dtype)
     extra = acc.itemsize if acc != x.dtype else 0
