@@ -159,8 +159,8 @@ def fuse_layer(module: nn.Module) -> str | None:
     module.__class__ = patched_cls
     if "_scale_cache" not in module.__dict__ and hasattr(patched_cls, "int8_weight"):
         module._scale_cache = None  # Linear8bitLt's per-SCB cache of SCB/127
-    if "_cpu_layout_cache" not in module.__dict__ and hasattr(patched_cls, "quant_weight"):
-        module._cpu_layout_cache = None  # Linear4bit's cache of bnb's CPU repack, unpacked
+    if "_quant_cache" not in module.__dict__ and hasattr(patched_cls, "quant_weight"):
+        module._quant_cache = None  # Linear4bit's cache of its 4-bit operands
     return None
 
 
@@ -207,7 +207,7 @@ def unpatch_peft_model(model: nn.Module) -> nn.Module:
         if original is not None:
             module.__class__ = original
             module.__dict__.pop("_scale_cache", None)
-            module.__dict__.pop("_cpu_layout_cache", None)
+            module.__dict__.pop("_quant_cache", None)
     return model
 
 

@@ -17,7 +17,7 @@ from ..backends import bind
 from ..backends.reference.lora_4bit import dequantize_4bit  # noqa: F401 - re-exported for merge (layers)
 from . import _dispatch
 from ._library import define_op
-from .lora import _check_shapes, _draw_seeds
+from .lora import _check_shapes, _draw_seeds, _needs_autograd
 
 
 class Quant4bit(NamedTuple):
@@ -188,19 +188,35 @@ def lora_linear_4bit_multi(
     ``quant``: the 4-bit weight as ``quant_operands`` returns it. Dropout applies only when ``training``.
     """
     n, k = quant.shape
-    _check_shapes(x, torch.empty((n, k), device="meta"), bias, lora_a, lora_b, dropout_p)
-    lead_shape = x.shape[:-1]
-    x2d = x.reshape(-1, k)
+    _check_shapes(x, _WeightShape(quant.shape), bias, lora_a, lora_b, dropout_p)
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)
     p_eff = [float(p) if training else 0.0 for p in dropout_p]
     seeds = _draw_seeds(len(lora_a), x.device) if any(p > 0.0 for p in p_eff) else None
-    adapters = []
-    for a, b, bb in zip(lora_a, lora_b, lora_b_bias):
-        adapters += [a, b, bb]
-    meta = ([float(s) for s in scaling], p_eff, quant.blocksize, quant.nested_blocksize, list(quant.shape))
-    y = _dispatch.run_with_backend(
-        backend, LoraLinear4bitFunction.apply, meta, x2d, bias, seeds, *quant[:6], *adapters
-    )
-    return y.reshape(*lead_shape, n)
+    scaling = [float(s) for s in scaling]
+    if _needs_autograd(x, bias, *lora_a, *lora_b, *lora_b_bias):
+        adapters = []
+        for a, b, bb in zip(lora_a, lora_b, lora_b_bias):
+            adapters += [a, b, bb]
+        meta = (scaling, p_eff, quant.blocksize, quant.nested_blocksize, list(quant.shape))
+        y = _dispatch.run_with_backend(
+            backend, LoraLinear4bitFunction.apply, meta, x2d, bias, seeds, *quant[:6], *adapters
+        )
+    else:
+        # Inference: nothing to save, no autograd node; the forward op alone (as ops.lora_linear_multi).
+        y, _ = _dispatch.run_with_backend(
+            backend, torch.ops.peft_kernels.lora_linear_4bit_fwd,
+            x2d, *quant, bias, list(lora_a), list(lora_b), list(lora_b_bias), scaling, p_eff, seeds,
+        )  # fmt: skip
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+class _WeightShape(NamedTuple):
+    """What ``_check_shapes`` reads of a weight (its shape), for the (N, K) a 4-bit weight decodes to."""
+
+    shape: list[int]
+
+    def dim(self) -> int:
+        return len(self.shape)
 
 
 def lora_linear_4bit(

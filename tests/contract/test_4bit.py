@@ -206,6 +206,24 @@ def test_bnb_cpu_repacked_layout_is_read():
         assert_close(layer(x), before, QLORA_REPACK, "repacked layout vs the standard one")
 
 
+def test_layer_operand_cache_follows_a_new_base_weight():
+    """The layer caches its 4-bit operands per weight: a base weight replaced after a forward (a reload, another
+    quantization) is what the next forward reads, and the output is the new weight's product (bnb's dequantize)."""
+    torch.manual_seed(5)
+    base = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    layer = Linear4bit(base, "default", r=4, lora_alpha=8, init_lora_weights=False)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        layer(x)  # fills the cache with the first weight
+        new_weight = torch.randn(64, 128)
+        base.weight = bnb.nn.Params4bit(new_weight, requires_grad=False, quant_type="nf4").to("cpu")
+        got = layer(x)
+        w_deq = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+        lora = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+        expected = x.double() @ (w_deq.double() + lora.double()).t()
+    assert_close(got, expected.float(), FP32_SAME_MATH, "output after the base weight was replaced")
+
+
 @pytest.mark.oracle
 def test_patch_peft_covers_peft_built_4bit_models(model_dirs):
     """After ``patch_peft()``, a QLoRA model built by plain peft runs our 4-bit op, with peft's outputs."""

@@ -52,36 +52,36 @@ def test_decode_is_bnb_bit_for_bit(fmt, dtype):
             assert torch.equal(got, expected[r0:r1]), (n, k, r0, r1)
 
 
-# Even K (bnb's native kernel needs it), with whether the backward's column chunks serve it: K = 2048 (one column of
-# blocks fits 1/8), K = 128 (it does not: row chunks), K = 70 and 96 (blocks cross rows: row chunks on a block
+# Even K (bnb's native kernel needs it): K = 2048, K = 128, K = 70 and 96 (blocks cross rows: row chunks on a block
 # boundary), a partial last block.
-NATIVE_SHAPES = [((24, 2048), True), ((96, 128), False), ((130, 70), False), ((130, 96), False)]
+NATIVE_SHAPES = [(24, 2048), (96, 128), (130, 70), (130, 96)]
 
 
+@pytest.mark.parametrize("route", ["c_function", "op"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_native_chunk_decode_is_the_torch_decode_bit_for_bit(fmt, dtype, monkeypatch):
-    """The CPU path's chunks from bnb's native kernel (row chunks, column chunks) equal the torch decode's."""
+def test_native_chunk_decode_is_the_torch_decode_bit_for_bit(fmt, dtype, route, monkeypatch):
+    """The CPU path's row chunks from bnb's native kernel (its C function called directly into one reused buffer,
+    or its registered op where that function is absent) equal the torch decode's."""
     if not ref4._native_kernel_registered():
         pytest.skip("bitsandbytes has no native CPU dequantize_4bit kernel here: only the torch decode runs")
     assert "native" in ref4.cpu_decoder()
-    monkeypatch.setattr(ref4, "MIN_CHUNK_ELEMENTS", 1)  # several chunks even at these sizes
+    if route == "op":
+        monkeypatch.setattr(ref4, "_bnb_c_function", lambda name: None)
+    elif ref4._bnb_c_function("cdequantize_blockwise_cpu_nf4_fp32") is None:
+        pytest.skip("this bitsandbytes' native library has no cdequantize_blockwise_cpu_* function: its op serves")
+    monkeypatch.setattr(ref4, "MIN_CHUNK_BYTES", 1)  # several chunks even at these sizes
     quant_type, nested, blocksize, storage = fmt
     torch.manual_seed(4)
-    for (n, k), by_columns in NATIVE_SHAPES:
+    for n, k in NATIVE_SHAPES:
         if storage != torch.uint8 and -(-n * k // 2) % storage.itemsize:
             continue
         packed, state = _quantize(torch.randn(n, k, dtype=dtype), quant_type, nested, blocksize, storage)
         quant = ref4._quant(*quant_operands(packed, state))
         assert ref4._native_quant_type(quant[5], k, dtype) == quant_type
         expected = ref4.dequantize_4bit(*quant, dtype=dtype)  # the spec (torch decode), bnb's bit for bit above
-        rows = list(ref4._row_chunks(quant, dtype))
-        assert len(rows) > 1 and torch.equal(torch.cat([w for _, _, w in rows]), expected), (n, k)
-        columns = ref4._column_chunks(quant, dtype, 0)
-        assert (columns is not None) == by_columns, (n, k)
-        if by_columns:
-            columns = list(columns)
-            assert len(columns) > 1 and torch.equal(torch.cat([w for _, _, w in columns], 1), expected), (n, k)
+        rows = [w.clone() for _, _, w in ref4._row_chunks(quant, dtype)]  # each chunk is valid until the next
+        assert len(rows) > 1 and torch.equal(torch.cat(rows), expected), (n, k)
     # A table that is neither bnb's NF4 nor FP4 goes to the torch decode.
     assert ref4._native_quant_type(quant[5] * 0.5, k, dtype) is None
 
@@ -127,7 +127,7 @@ def _truth(inp, w_deq, scaling, acc):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
 def test_op_forward_and_gradients(shape_id, dtype, quant_type, nested, monkeypatch):
-    monkeypatch.setattr(ref4, "MIN_CHUNK_ELEMENTS", 1)  # several row chunks even at these sizes
+    monkeypatch.setattr(ref4, "MIN_CHUNK_BYTES", 1)  # several row chunks even at these sizes
     torch.manual_seed(2)
     inp, packed, state = _op_inputs(shape_id, dtype, quant_type, nested)
     scaling = 0.75
@@ -140,6 +140,9 @@ def test_op_forward_and_gradients(shape_id, dtype, quant_type, nested, monkeypat
     eager_y, eager_leaves = _truth(inp, w_deq, scaling, dtype)
     eager_y.backward(dy)
     assert_close_to_ref(y.detach(), eager_y.detach(), truth_y.detach(), dtype, "y")
+    with torch.no_grad():  # inference calls take the forward op alone (no autograd node): the same y
+        y_inference = lora_linear_4bit(inp["x"], packed, state, inp["bias"], inp["lora_a"], inp["lora_b"], scaling)
+    assert y_inference.grad_fn is None and torch.equal(y_inference, y.detach())
     for name, leaf in zip(("x", "lora_a", "lora_b"), range(3)):
         got = inp[name].grad
         assert_close_to_ref(got, eager_leaves[leaf].grad, truth_leaves[leaf].grad, dtype, f"d{name}")
