@@ -43,8 +43,7 @@ SCHEMAS = {
     # 4-bit NF4/FP4 base (bitsandbytes quantize_4bit; format stated in backends/reference/lora_4bit.py): only
     # tensors and scalars, so bitsandbytes is needed only to make the weights.
     "lora_linear_4bit_fwd": f"(Tensor x, {_QUANT_4BIT}, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, "
-    "Tensor?[] lora_b_bias, float[] scaling, float[] dropout_p, Tensor? seeds, bool keep_masks=False) "
-    "-> (Tensor, Tensor[])",
+    "Tensor?[] lora_b_bias, float[] scaling, float[] dropout_p, Tensor? seeds) -> (Tensor, Tensor[])",
     "lora_linear_4bit_bwd": f"(Tensor dy, Tensor x, {_QUANT_4BIT}, Tensor[] lora_a, Tensor[] lora_b, "
     "Tensor[] saved_s, float[] scaling, float[] dropout_p, Tensor? seeds, bool[] output_mask) "
     "-> (Tensor?, Tensor[], Tensor[])",

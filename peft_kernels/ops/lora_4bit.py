@@ -84,7 +84,9 @@ def _fwd_fake(*args, **kwargs):
     y = x.new_empty((x.shape[0], quant.shape[0]))
     acc = [torch.promote_types(a.dtype, torch.float32) for a in call.lora_a]
     saved = [x.new_empty((x.shape[0], a.shape[0]), dtype=dt) for a, dt in zip(call.lora_a, acc)]
-    if call.keep_masks:
+    from ..backends.reference.lora import keeps_masks  # the reference on CPU keeps its masks (ops/lora.py's fake)
+
+    if _dispatch.forced_backend() in (None, "reference") and keeps_masks(x):
         saved += [x.new_empty(x.shape, dtype=torch.bool) for p in call.dropout_p if p > 0.0]
     return y, saved
 
@@ -129,10 +131,9 @@ class LoraLinear4bitFunction(torch.autograd.Function):
         lora_b = list(adapters[1::_PER_ADAPTER])
         lora_b_bias = list(adapters[2::_PER_ADAPTER])
         forced = _dispatch.forced_backend()
-        # CPU: the reference keeps the dropout masks for the backward, as ops/lora.py says why.
-        keep_masks = seeds is not None and x.device.type == "cpu" and forced in (None, "reference")
+        # saved_s: [S_a], then the dropout masks where the backend keeps them (the reference on CPU).
         y, saved_s = torch.ops.peft_kernels.lora_linear_4bit_fwd(
-            x, *quant, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, keep_masks
+            x, *quant, bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds
         )
         ctx.meta = meta
         ctx.n_adapters = len(lora_a)

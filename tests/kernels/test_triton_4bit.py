@@ -85,8 +85,10 @@ def run(mod, inp, x_dtype=None, a_dtype=None, quant=None) -> dict:
     a, b = inp["a"].to(a_dtype), inp["b"].to(a_dtype)
     bb = inp["bb"].to(a_dtype) if inp["bb"] is not None else None
     p = 0.1 if inp["seeds"] is not None else 0.0
-    y, (s,) = mod.lora_linear_4bit_fwd(x, *quant, bias, [a], [b], [bb], [1.5], [p], inp["seeds"])
-    dx, (d_a,), (d_b,) = mod.lora_linear_4bit_bwd(dy, x, *quant, [a], [b], [s], [1.5], [p], inp["seeds"], [True, True])
+    y, (s, *kept) = mod.lora_linear_4bit_fwd(x, *quant, bias, [a], [b], [bb], [1.5], [p], inp["seeds"])  # CPU mask
+    dx, (d_a,), (d_b,) = mod.lora_linear_4bit_bwd(
+        dy, x, *quant, [a], [b], [s, *kept], [1.5], [p], inp["seeds"], [True, True]
+    )
     return {"y": y, "S": s, "dx": dx, "dA": d_a, "dB": d_b}
 
 

@@ -50,7 +50,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .lora import DECODE_BLOCK_ELEMENTS, DECODE_TOKENS_MAX, _acc_dtype, add_lora_bwd, add_lora_fwd
+from .lora import DECODE_BLOCK_ELEMENTS, DECODE_TOKENS_MAX, _acc_dtype, add_lora_bwd, add_lora_fwd, keeps_masks
 
 # Live bytes of a chunk at least (module docstring: the largest floor that keeps the 1/8 bound from N·K = 4M on).
 # Small chunks cost GEMM speed: the backward's dx += dY[:, rows]·W[rows] passes over dx once per chunk; at
@@ -212,10 +212,20 @@ def _bnb_c_function(name: str) -> Callable | None:
     that allocates the output), 4-5x the C kernel's own time on a 128k-element chunk; the direct call also writes
     into the caller's buffer, which stays in cache from one chunk to the next."""
     try:
+        import bitsandbytes
         from bitsandbytes.cextension import lib
     except Exception:  # any import failure: the registered ops serve (or the torch decode)
         return None
+    # A C function called through ctypes has no signature check: a release that changed its arguments would write
+    # out of bounds. Only the releases whose signatures the decode tests verified take this route; others the op.
+    if not bitsandbytes.__version__.startswith(_C_VERIFIED_RELEASES):
+        return None
     return getattr(getattr(lib, "_lib", None), name, None)
+
+
+# bitsandbytes releases whose CPU dequantize C functions have the argument lists used here (checked bit for bit
+# against the torch decode by tests/kernels/test_ops_lora_4bit.py).
+_C_VERIFIED_RELEASES = ("0.50.",)
 
 
 _C_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -393,18 +403,17 @@ def lora_linear_4bit_fwd(
     scaling: list[float],
     dropout_p: list[float],
     seeds: torch.Tensor | None,
-    keep_masks: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """y = x·W_deqᵀ + b + Σ_a s_a·(x̂_a·A_aᵀ·B_aᵀ + b_Ba); returns (y, [S_a] + kept masks).
 
     Args:
         x: (M, K) fp16/bf16/fp32/fp64.  packed … shape: the 4-bit weight (module docstring), shape = [N, K].
-        bias: (N,) in x's dtype, or None.  lora_a … seeds, keep_masks: as ``lora.lora_linear_fwd``.
+        bias: (N,) in x's dtype, or None.  lora_a … seeds: as ``lora.lora_linear_fwd`` (masks kept on CPU).
     The base product is computed chunk by chunk, then ``lora.add_lora_fwd`` adds the LoRA terms.
     """
     quant = _quant(packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, shape)
     y = _base_forward(x, quant, bias)
-    return add_lora_fwd(y, x, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, keep_masks)
+    return add_lora_fwd(y, x, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, keeps_masks(x))
 
 
 def lora_linear_4bit_bwd(

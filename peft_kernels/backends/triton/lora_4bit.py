@@ -244,10 +244,10 @@ def _quant_args(packed, absmax, nested_absmax, nested_code, offset, code):
 
 def lora_linear_4bit_fwd(
     x, packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, shape,
-    bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds, keep_masks=False,
+    bias, lora_a, lora_b, lora_b_bias, scaling, dropout_p, seeds,
 ):  # fmt: skip
     """y = x·W_deqᵀ + b + s·((m ⊙ x)·Aᵀ/(1-p)·Bᵀ + b_B); returns (y, [S]) (one adapter). Arguments as the reference
-    (keep_masks is declined with a dropout: the backward regenerates the mask). Kernels: F1 (lora.py) then F2v
+    (keeps no dropout mask: the backward regenerates it). Kernels: F1 (lora.py) then F2v
     (M <= 16) or F2q. Not checked again here (``not_supported_reasons``)."""
     a, b, b_bias, s = lora_a[0], lora_b[0], lora_b_bias[0], float(scaling[0])
     M, K = x.shape
@@ -326,6 +326,4 @@ def not_supported_reasons(op_name: str, *args) -> list[str]:
         reasons.append(f"tensors on several devices: {sorted(str(d) for d in devices)}")
     if int(call.blocksize) % 2:
         reasons.append(f"blocksize={call.blocksize} is odd")
-    if op_name == "lora_linear_4bit_fwd" and call.keep_masks and any(p > 0.0 for p in call.dropout_p):
-        reasons.append("keep_masks=True (the backward redraws the packed dropout mask from the seed, keeps none)")
     return reasons
