@@ -26,8 +26,9 @@ step() {
     echo "== $(( SECONDS - start )) s" | tee -a "$LOG" >&2
 }
 
-# Ops: PEFT, the reference backend and torch.compile of its formula on the quick shapes (README: --reps 15).
-step python benchmarks/run.py --device cpu --size quick --reps 15 --threads "$THREADS" --no-progress \
+# Ops: PEFT, the reference backend, torch.compile of its formula and the base GEMM alone (the ceiling) on the quick
+# shapes, 21 interleaved rounds (README: --reps 21).
+step python benchmarks/run.py --device cpu --size quick --reps 21 --threads "$THREADS" --no-progress \
     --out "$RESULTS/cpu.csv" --plot "$RESULTS/cpu.png"
 # End to end: LoRA (dropout 0.05 and 0), patch_peft(), int8, QLoRA, prefix on the Llama-style model.
 step python benchmarks/bench_e2e.py --steps 10 --decode-reps 5 --out "$RESULTS/cpu_e2e.csv"
