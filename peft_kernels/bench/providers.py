@@ -9,9 +9,9 @@ Providers::
     reference          peft_kernels' ops with every op pinned to the reference backend (torch; the CPU path)
     reference+compile  the reference formula written in torch ops, ``torch.compile``d (autograd derives backward)
     triton, cuda       peft_kernels' ops pinned to that backend (Triton kernels / the CUDA C++ extension)
-    base               the ceiling of the LoRA linear ops: the base layer's product alone, ``F.linear(x, W, b)`` on
-                       the dense weight (a quantized one dequantized once, outside the timed call), no adapter;
-                       its backward is dY·W. Both libraries call this GEMM with the same shapes, so no LoRA layer
+    base               the ceiling of the float-weight LoRA linear rows: the base layer's product alone,
+                       ``F.linear(x, W, b)``, no adapter; its backward is dY·W (a quantized row would need a
+                       dense copy of its weight, which neither library holds). Both libraries call this GEMM with the same shapes, so no LoRA layer
                        can beat it by more than its own LoRA half. No error column (it is another function).
 
 A provider that cannot run a case (no GPU, no extension, no bitsandbytes, an unsupported shape) raises
@@ -222,7 +222,9 @@ class LinearProblem(Problem):
 
     def dense_weight(self) -> torch.Tensor:
         if self.int8:
-            return (self.weight_int8.float() * self.weight_scale[:, None]).to(self.dtype)
+            # A dense copy (4x the int8 bytes) that neither library holds; timed between their rounds it would evict
+            # their weights from the last-level cache (measured: the int8 M = 1 row moved from 1.15x to 0.90x).
+            raise Unavailable("the base GEMM ceiling is measured on the float-weight rows only")
         return self.weight
 
     def _peft(self):

@@ -45,7 +45,7 @@ class QLoraProblem(LinearProblem):
         p = self.case.shape.p
         training = self.case.mode != "no-grad-fwd"
         if provider == CEILING_PROVIDER:
-            return super().forward(provider)
+            raise Unavailable("the base GEMM ceiling is measured on the float-weight rows only")
         if provider == "peft":
             layer = self._peft()
             layer.train(training)
@@ -62,11 +62,6 @@ class QLoraProblem(LinearProblem):
         if provider in BACKEND_PROVIDERS or provider == "reference+compile":
             raise Unavailable(f"no {provider} formula for lora_linear_4bit")
         raise ValueError(f"unknown provider {provider!r}")
-
-    def dense_weight(self) -> torch.Tensor:
-        import bitsandbytes.functional as bnb_functional
-
-        return bnb_functional.dequantize_4bit(self.packed, self.quant_state).to(self.dtype)
 
     def _peft(self):
         if self._peft_layer is not None:

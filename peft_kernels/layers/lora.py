@@ -245,15 +245,12 @@ class LoraLayer(BaseTunerLayer):
         # fall through Module.__getattr__ and its AttributeError, ~4 µs per call when absent).
         return bool(base_layer._forward_hooks or base_layer._forward_pre_hooks or "_hf_hook" in base_layer.__dict__)
 
-    def _fused_linear(self, x, weight, bias, active: list[str], weight_scale=None, flatten: bool = False):
-        """``ops.lora_linear_multi`` over the active adapters: the operand gathering every LoRA layer shares.
+    def _adapter_operands(self, active: list[str], flatten: bool = False):
+        """(lora_a, lora_b, lora_b_bias, scaling, dropout_p, training) of the active adapters, in the op's order.
 
-        x: (*, K); weight: (N, K) (int8 with ``weight_scale`` (N,) fp32 for an int8 base); ``flatten``: the
-        adapters are 1×1 convs whose weights are viewed (r, K) and (N, r). Under autocast a float base runs as
-        autocast's F.linear / conv2d would: every operand in the autocast dtype.
-        """
-        # One pass over the active adapters through the modules' own dicts: this runs per layer per token at
-        # decode, where each Module.__getattr__ (~2 µs on the CI box) is a visible part of the cost.
+        One pass through the modules' own dicts: this runs per layer per token at decode, where each
+        Module.__getattr__ (~2 µs on the CI box) is a visible part of the cost. ``flatten``: 1×1 conv adapters,
+        their weights viewed (r, K) and (N, r)."""
         modules = self._modules
         lora_a_dict, lora_b_dict = modules["lora_A"]._modules, modules["lora_B"]._modules
         dropout_dict, scaling = modules["lora_dropout"]._modules, self.scaling
@@ -271,6 +268,16 @@ class LoraLayer(BaseTunerLayer):
                 training = training or dropout.training
             else:
                 dropout_p.append(0.0)
+        return lora_a, lora_b, lora_b_bias, scales, dropout_p, training
+
+    def _fused_linear(self, x, weight, bias, active: list[str], weight_scale=None, flatten: bool = False):
+        """``ops.lora_linear_multi`` over the active adapters (operands: ``_adapter_operands``, shared by every layer).
+
+        x: (*, K); weight: (N, K) (int8 with ``weight_scale`` (N,) fp32 for an int8 base); ``flatten``: the
+        adapters are 1×1 convs whose weights are viewed (r, K) and (N, r). Under autocast a float base runs as
+        autocast's F.linear / conv2d would: every operand in the autocast dtype.
+        """
+        lora_a, lora_b, lora_b_bias, scales, dropout_p, training = self._adapter_operands(active, flatten)
         # _is_any_autocast_enabled first: one call (0.3 µs) where the per-device test also builds x.device (~3 µs).
         if weight_scale is None and torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)

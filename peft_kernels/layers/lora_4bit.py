@@ -133,20 +133,7 @@ class Linear4bit(nn.Module, LoraLayer):
             compute_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
         x_c = x.to(compute_dtype) if compute_dtype is not None else x
         bias = base.bias.to(x_c.dtype) if base.bias is not None else None
-        # One pass over the active adapters with local references (as LoraLayer._fused_linear): this runs per layer
-        # per token at decode, where Module.__getattr__ calls are a visible part of the cost.
-        lora_a_dict, lora_b_dict, dropout_dict, scaling = self.lora_A, self.lora_B, self.lora_dropout, self.scaling
-        lora_a, lora_b, lora_b_bias, dropout_p, scales = [], [], [], [], []
-        training = False
-        for adapter in active:
-            b_layer, dropout = lora_b_dict[adapter], dropout_dict[adapter]
-            lora_a.append(lora_a_dict[adapter].weight)
-            lora_b.append(b_layer.weight)
-            lora_b_bias.append(b_layer.bias)
-            scales.append(scaling[adapter])
-            is_dropout = isinstance(dropout, nn.Dropout)
-            dropout_p.append(dropout.p if is_dropout else 0.0)
-            training = training or (is_dropout and dropout.training)
+        lora_a, lora_b, lora_b_bias, scales, dropout_p, training = self._adapter_operands(active)
         y = ops.lora_linear_4bit_multi(
             x_c, self.quant_weight(), bias, lora_a, lora_b, lora_b_bias, scales, dropout_p, training=training
         )
