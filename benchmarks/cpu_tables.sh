@@ -27,8 +27,8 @@ step() {
 }
 
 # Ops: PEFT, the reference backend, torch.compile of its formula and the base GEMM alone (the ceiling) on the quick
-# shapes, 21 interleaved rounds (README: --reps 21).
-step python benchmarks/run.py --device cpu --size quick --reps 21 --threads "$THREADS" --no-progress \
+# shapes, 31 interleaved rounds (README: --reps 31).
+step python benchmarks/run.py --device cpu --size quick --reps 31 --threads "$THREADS" --no-progress \
     --out "$RESULTS/cpu.csv" --plot "$RESULTS/cpu.png"
 # End to end: LoRA (dropout 0.05 and 0), patch_peft(), int8, QLoRA, prefix on the Llama-style model.
 step python benchmarks/bench_e2e.py --steps 10 --decode-reps 5 --out "$RESULTS/cpu_e2e.csv"
