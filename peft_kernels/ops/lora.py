@@ -44,15 +44,19 @@ def _fwd_fake(*args, **kwargs):
     torch._check(
         len(call.lora_b) == n and len(call.scaling) == n and len(call.dropout_p) == n, lambda: "adapter list lengths"
     )
-    y = x.new_empty((x.shape[0], weight.shape[0]))
-    acc = [torch.promote_types(a.dtype, torch.float32) for a in call.lora_a]
-    saved = [x.new_empty((x.shape[0], a.shape[0]), dtype=dt) for a, dt in zip(call.lora_a, acc)]
-    # On CPU the automatic choice is the reference, which keeps its masks there (reference.lora.keeps_masks).
+    return x.new_empty((x.shape[0], weight.shape[0])), saved_fake(x, call.lora_a, call.dropout_p)
+
+
+def saved_fake(x, lora_a, dropout_p) -> list[torch.Tensor]:
+    """The forward ops' second output, as fake tensors: [S_a] (M, r_a) in acc_a, then the kept masks where the
+    backend that runs keeps them (on CPU the automatic choice is the reference, which does:
+    ``reference.lora.keeps_masks``). Shared by every weight format's forward op."""
     from ..backends.reference.lora import keeps_masks
 
+    saved = [x.new_empty((x.shape[0], a.shape[0]), dtype=torch.promote_types(a.dtype, torch.float32)) for a in lora_a]
     if _dispatch.forced_backend() in (None, "reference") and keeps_masks(x):
-        saved += [x.new_empty(x.shape, dtype=torch.bool) for p in call.dropout_p if p > 0.0]
-    return y, saved
+        saved += [x.new_empty(x.shape, dtype=torch.bool) for p in dropout_p if p > 0.0]
+    return saved
 
 
 def _bwd_fake(*args, **kwargs):
@@ -164,9 +168,15 @@ class LoraLinearInt8Function(torch.autograd.Function):
         return (None, dx, None, None, d_bias, None, *adapter_grads)
 
 
-def _draw_seeds(n: int, device: torch.device) -> torch.Tensor:
-    """One int64 Philox seed per adapter from torch's generator: on device, no host sync, reproducible."""
-    return torch.randint(0, 2**62, (n,), device=device, dtype=torch.int64)
+def _dropout_args(dropout_p, training: bool, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
+    """(the p that apply: dropout_p when training, else zeros; one int64 Philox seed per adapter from torch's
+    generator when any p > 0 applies: on device, no host sync, reproducible)."""
+    if not training:
+        return [0.0] * len(dropout_p), None
+    p_eff = [float(p) for p in dropout_p]
+    if not any(p > 0.0 for p in p_eff):
+        return p_eff, None
+    return p_eff, torch.randint(0, 2**62, (len(p_eff),), device=device, dtype=torch.int64)
 
 
 def lora_linear_multi(
@@ -192,8 +202,7 @@ def lora_linear_multi(
         raise ValueError(error)
     flat = x.dim() == 2
     x2d = x if flat else x.reshape(-1, x.shape[-1])
-    p_eff = [float(p) for p in dropout_p] if training else [0.0] * len(dropout_p)
-    seeds = _draw_seeds(len(lora_a), x.device) if training and any(p > 0.0 for p in p_eff) else None
+    p_eff, seeds = _dropout_args(dropout_p, training, x.device)
     scaling = [float(s) for s in scaling]
     if _needs_autograd(x, weight, bias, *lora_a, *lora_b, *lora_b_bias):
         adapter_tensors = []

@@ -17,7 +17,7 @@ from ..backends import bind
 from ..backends.reference.lora_4bit import dequantize_4bit  # noqa: F401 - re-exported for merge (layers)
 from . import _dispatch
 from ._library import define_op
-from .lora import _check_shapes, _draw_seeds, _needs_autograd
+from .lora import _check_shapes, _dropout_args, _needs_autograd, saved_fake
 
 
 class Quant4bit(NamedTuple):
@@ -81,14 +81,7 @@ def _fwd_fake(*args, **kwargs):
     quant = Quant4bit(*call[1:10])
     _check_quant(quant)
     torch._check(x.dim() == 2 and x.shape[1] == quant.shape[1], lambda: "x must be (M, K) with K = shape[1]")
-    y = x.new_empty((x.shape[0], quant.shape[0]))
-    acc = [torch.promote_types(a.dtype, torch.float32) for a in call.lora_a]
-    saved = [x.new_empty((x.shape[0], a.shape[0]), dtype=dt) for a, dt in zip(call.lora_a, acc)]
-    from ..backends.reference.lora import keeps_masks  # the reference on CPU keeps its masks (ops/lora.py's fake)
-
-    if _dispatch.forced_backend() in (None, "reference") and keeps_masks(x):
-        saved += [x.new_empty(x.shape, dtype=torch.bool) for p in call.dropout_p if p > 0.0]
-    return y, saved
+    return x.new_empty((x.shape[0], quant.shape[0])), saved_fake(x, call.lora_a, call.dropout_p)
 
 
 def _bwd_fake(*args, **kwargs):
@@ -191,8 +184,7 @@ def lora_linear_4bit_multi(
     n, k = quant.shape
     _check_shapes(x, _WeightShape(quant.shape), bias, lora_a, lora_b, dropout_p)
     x2d = x if x.dim() == 2 else x.reshape(-1, k)
-    p_eff = [float(p) if training else 0.0 for p in dropout_p]
-    seeds = _draw_seeds(len(lora_a), x.device) if any(p > 0.0 for p in p_eff) else None
+    p_eff, seeds = _dropout_args(dropout_p, training, x.device)
     scaling = [float(s) for s in scaling]
     if _needs_autograd(x, bias, *lora_a, *lora_b, *lora_b_bias):
         adapters = []
@@ -215,9 +207,6 @@ class _WeightShape(NamedTuple):
     """What ``_check_shapes`` reads of a weight (its shape), for the (N, K) a 4-bit weight decodes to."""
 
     shape: list[int]
-
-    def dim(self) -> int:
-        return len(self.shape)
 
 
 def lora_linear_4bit(

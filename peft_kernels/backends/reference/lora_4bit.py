@@ -143,20 +143,31 @@ def decode_4bit_rows(
     row_start: int = 0,
     row_end: int | None = None,
 ) -> torch.Tensor:
-    """W[row_start:row_end] (rows, K) in ``dtype``, decoded as the module docstring states (bit for bit bnb).
-
-    Decodes whole blocks [e0 // blocksize, ceil(e1 / blocksize)) of the flattened element range [e0, e1) =
-    [row_start·K, row_end·K) (a blocksize is even, so blocks start on a byte) and slices the rows out.
-    """
+    """W[row_start:row_end] (rows, K) in ``dtype``, decoded as the module docstring states (bit for bit bnb)."""
     n_rows, k = shape
     row_end = n_rows if row_end is None else row_end
-    e0, e1 = row_start * k, row_end * k
-    b0, b1 = e0 // blocksize, -(-e1 // blocksize)
-    first, last = b0 * blocksize, min(b1 * blocksize, n_rows * k)  # decoded element range
-    data = packed.reshape(-1).view(torch.uint8)[first // 2 : -(-last // 2)]
+    b0, b1 = _block_range(row_start, row_end, k, blocksize)
     scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, b0, b1)
-    values = _decode_span(data, scales, _pair_table(code), blocksize, first, last, dtype)
-    return values[e0 - first : e1 - first].view(row_end - row_start, k)
+    return _decode_rows(
+        _flat_bytes(packed), scales, _pair_table(code), blocksize, k, n_rows, row_start, row_end, dtype, block0=b0
+    )
+
+
+def _block_range(r0: int, r1: int, k: int, blocksize: int) -> tuple[int, int]:
+    """[b0, b1): the blocks holding rows r0..r1 of the flattened (N, K) weight (elements [r0·K, r1·K))."""
+    return r0 * k // blocksize, -(-r1 * k // blocksize)
+
+
+def _decode_rows(data, scales, table, blocksize, k, n_rows, r0, r1, dtype, block0: int = 0) -> torch.Tensor:
+    """W[r0:r1] (rows, K) in ``dtype`` by the torch decode: the whole blocks holding those rows (a blocksize is even,
+    so blocks start on a byte) decoded from the weight's bytes ``data`` and fp32 block ``scales`` (from block
+    ``block0`` on), then the rows sliced out."""
+    e0, e1 = r0 * k, r1 * k
+    b0, b1 = _block_range(r0, r1, k, blocksize)
+    first, last = b0 * blocksize, min(b1 * blocksize, n_rows * k)  # decoded element range
+    span = data[first // 2 : -(-last // 2)]
+    values = _decode_span(span, scales[b0 - block0 : b1 - block0], table, blocksize, first, last, dtype)
+    return values[e0 - first : e1 - first].view(r1 - r0, k)
 
 
 def dequantize_4bit(*quant, dtype: torch.dtype) -> torch.Tensor:
@@ -331,12 +342,8 @@ def _row_chunks(
     table = _pair_table(code)
     for r0 in range(0, n_rows, step):
         r1 = min(r0 + step, n_rows)
-        e0, e1 = r0 * k, r1 * k
-        b0, b1 = e0 // blocksize, -(-e1 // blocksize)
-        first, last = b0 * blocksize, min(b1 * blocksize, n_rows * k)
-        values = _decode_span(data[first // 2 : -(-last // 2)], scales[b0:b1], table, blocksize, first, last, dtype)
-        yield r0, r1, values[e0 - first : e1 - first].view(r1 - r0, k)
-        del values  # dropped before the next chunk is decoded (a held chunk would double the peak)
+        # Not held here: the caller drops each chunk before the next is decoded (a held one would double the peak).
+        yield r0, r1, _decode_rows(data, scales, table, blocksize, k, n_rows, r0, r1, dtype)
 
 
 def _base_forward(x, quant, bias) -> torch.Tensor:
