@@ -127,9 +127,14 @@ class BaseTunerLayer:
                     self.set_adapter(remaining[0])
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        """Moves the adapter to the base weight's device, and to its dtype when that is floating point."""
+        """Moves the adapter to the base weight's device, and to its dtype when that is floating point.
+        nn.MultiheadAttention has no ``weight``: its adapters follow out_proj's (PEFT's rule), so
+        ``autocast_adapter_dtype=False`` leaves them in the model's 16-bit dtype."""
         if device is None:
             base_layer = self.get_base_layer()
+            if isinstance(base_layer, nn.MultiheadAttention):
+                base_layer = base_layer.out_proj
+                base_layer = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
             for weight_name in ("weight", "qweight"):
                 weight = getattr(base_layer, weight_name, None)
                 if weight is not None:

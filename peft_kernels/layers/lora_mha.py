@@ -111,18 +111,6 @@ class MultiheadAttention(nn.Module, LoraLayer):
         super().update_layer(adapter_name, r, *args, **kwargs)
         self.base_layer.out_proj.update_layer(adapter_name, r, *args, **kwargs)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        """nn.MultiheadAttention has no ``weight``: the adapter follows out_proj's weight, device and floating dtype
-        (PEFT's rule), so ``autocast_adapter_dtype=False`` leaves it in the model's 16-bit dtype."""
-        if device is not None:
-            return super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        weight = self.out_proj.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        for name in self.adapter_layer_names:
-            container = getattr(self, name)
-            if adapter_name in container and not any(p.is_meta for p in container[adapter_name].parameters()):
-                container[adapter_name] = container[adapter_name].to(weight.device, dtype=dtype)
-
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW_in = s · B A: (3E, E); fp32 for 16-bit weights on CPU."""
         weight_a = self.lora_A[adapter].weight

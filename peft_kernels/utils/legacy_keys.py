@@ -56,7 +56,7 @@ def rename_legacy_lora_keys(model: nn.Module, state_dict: dict, known_keys) -> d
 
     renamed = dict(state_dict)
     for key in unknown:
-        prefix = next((p for p in ("base_model.model.", "") if key.startswith(p)), "")
+        prefix = "base_model.model." if key.startswith("base_model.model.") else ""
         module_path, sep, rest = key[len(prefix) :].partition(_LORA_SEGMENT)
         new_path, _ = rename_source_key(f"{module_path}.weight", renamings, [])
         new_key = f"{prefix}{new_path.removesuffix('.weight')}{sep}{rest}"

@@ -33,13 +33,13 @@ def _gemm_launcher(op: str, device: torch.device, elem_bytes: int, m: int):
 
 
 def _common(dropout_p, seeds, x):
-    """(p, has_dropout, bits, inv_keep): bits is the packed keep mask of x (``dropout.dropout_bits``, one mask
+    """(has_dropout, bits, inv_keep): bits is the packed keep mask of x (``dropout.dropout_bits``, one mask
     kernel launch) when p > 0, else x (an unused pointer: HAS_DROPOUT=False compiles its loads away)."""
     p = float(dropout_p[0])
     has_dropout = p > 0.0
     bits = dropout.dropout_bits(seeds[:1], x.shape[0], x.shape[1], p) if has_dropout else x
     inv_keep = 1.0 / (1.0 - p) if has_dropout else 1.0
-    return p, has_dropout, bits, inv_keep
+    return has_dropout, bits, inv_keep
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def lora_linear_fwd(
     N, r = weight.shape[0], a.shape[0]
     prec, upcast = _launch.fp32_precision(), interpreting()
     with _launch.device_guard(x):
-        _p, has_dropout, bits, inv_keep = _common(dropout_p, seeds, x)
+        has_dropout, bits, inv_keep = _common(dropout_p, seeds, x)
         shrink = _shrink(x, a, has_dropout, bits, inv_keep, prec, upcast)
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         kernel = _gemm_launcher("linear_lora_fwd", x.device, x.element_size(), M)
@@ -158,7 +158,7 @@ def backward(
     num_sms = _launch.num_sms(x.device)
     dx, d_a, d_b = None, [], []
     with _launch.device_guard(x):
-        _p, has_dropout, bits, inv_keep = _common(dropout_p, seeds, x)
+        has_dropout, bits, inv_keep = _common(dropout_p, seeds, x)
         # ---- B1: dS (always: B2 and B3 need it) and dB, from one read of dY
         cfg = _launch.memory_bound_config("lora_bwd_dys_dyb", rank_block, x.device)
         block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]

@@ -255,7 +255,7 @@ def lora_linear_4bit_fwd(
     prec, upcast = _fp32_precision(), interpreting()
     quant, nested = _quant_args(packed, absmax, nested_absmax, nested_code, offset, code)
     with _device_guard(x):
-        _p, has_dropout, bits, inv_keep = lora._common(dropout_p, seeds, x)
+        has_dropout, bits, inv_keep = lora._common(dropout_p, seeds, x)
         shrink = lora._shrink(x, a, has_dropout, bits, inv_keep, prec, upcast)
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         bias_arg = bias if bias is not None else y

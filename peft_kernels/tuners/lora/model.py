@@ -174,10 +174,10 @@ class LoraModel(BaseTuner):
         # Adapter weights live on the base weight's device (they were created on CPU).
         base = child.get_base_layer() if hasattr(child, "get_base_layer") else child
         weight = getattr(base, "weight", None)
-        if weight is not None:
+        if weight is not None and weight.device.type != "meta":
             for name, module in new_module.named_modules():
-                on_meta = any(p.is_meta for p in module.parameters())  # low_cpu_mem_usage: filled on load
-                if LoraModel.prefix in name and weight.device.type != "meta" and not on_meta:
+                # Adapter modules only; those on meta (low_cpu_mem_usage) are filled on load.
+                if LoraModel.prefix in name and not any(p.is_meta for p in module.parameters()):
                     module.to(weight.device)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
