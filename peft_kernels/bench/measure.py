@@ -47,22 +47,27 @@ def paired_ratio(reference: list[float], other: list[float]) -> float:
 def append_rows(path: str, rows: list[dict], fields: list[str]) -> None:
     """Appends ``rows`` to the CSV at ``path`` (a header when the file is new). A file written before a column was
     added is rewritten once under the longer header, its rows keeping their values (the new column left empty),
-    so one file keeps the history of every run."""
+    so one file keeps the history of every run; otherwise only its header is read."""
     import csv
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    old_fields, old_rows = [], []
+    old_fields = []
     if os.path.exists(path) and os.path.getsize(path) > 0:
         with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            old_fields, old_rows = reader.fieldnames or [], list(reader)
-    rewrite = old_fields != list(fields)  # a new file, or one written before a column was added
+            old_fields = next(csv.reader(f), [])
+    if old_fields and set(fields) <= set(old_fields):  # every column already there: append under the file's order
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=old_fields, restval="").writerows(rows)
+        return
+    old_rows = []
+    if old_fields:
+        with open(path, newline="") as f:
+            old_rows = list(csv.DictReader(f))
     fields = list(fields) + [name for name in old_fields if name not in fields]
-    with open(path, "w" if rewrite else "a", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        if rewrite:
-            writer.writeheader()
-            writer.writerows(old_rows)
+        writer.writeheader()
+        writer.writerows(old_rows)
         writer.writerows(rows)
 
 

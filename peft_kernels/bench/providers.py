@@ -11,8 +11,9 @@ Providers::
     triton, cuda       peft_kernels' ops pinned to that backend (Triton kernels / the CUDA C++ extension)
     base               the ceiling of the float-weight LoRA linear rows: the base layer's product alone,
                        ``F.linear(x, W, b)``, no adapter; its backward is dY·W (a quantized row would need a
-                       dense copy of its weight, which neither library holds). Both libraries call this GEMM with the same shapes, so no LoRA layer
-                       can beat it by more than its own LoRA half. No error column (it is another function).
+                       dense copy of its weight, which neither library holds: ``NO_CEILING``). Both libraries
+                       call this GEMM with the same shapes, so no LoRA layer can beat it by more than its own
+                       LoRA half. No error column (it is another function).
 
 A provider that cannot run a case (no GPU, no extension, no bitsandbytes, an unsupported shape) raises
 ``Unavailable`` with the reason; the reason goes into the result row's note. Backends are pinned through the
@@ -35,6 +36,9 @@ from .cases import Case, LinearShape
 
 PROVIDERS = ("peft", "reference", "reference+compile", "triton", "cuda", "base")
 CEILING_PROVIDER = "base"
+# Why a quantized row has no ceiling: a dense copy of its weight (4-8x the bytes) that neither library holds; timed
+# between their rounds it evicted their weights from the last-level cache (int8 M = 1 went from 1.15x to 0.90x).
+NO_CEILING = "the base GEMM ceiling is measured on the float-weight rows only"
 BACKEND_PROVIDERS = ("reference", "triton", "cuda")
 _OPS_OF = {
     "lora_linear": ("lora_linear_fwd", "lora_linear_bwd"),
@@ -125,10 +129,6 @@ class Problem:
     def forward(self, provider: str) -> Callable[[], object]:
         raise NotImplementedError
 
-    def dense_weight(self) -> torch.Tensor:
-        """W (N, K) in the activation dtype, for the ``base`` ceiling provider."""
-        raise Unavailable(f"{self.case.op} has no base GEMM (the ceiling row is for the LoRA linear ops)")
-
     def grad_outputs(self, outputs) -> list[torch.Tensor]:
         """Fixed random output gradients (one per output tensor), made once per shape."""
         outputs = _as_list(outputs)
@@ -195,8 +195,9 @@ class LinearProblem(Problem):
         p = self.case.shape.p
         training = self.case.mode != "no-grad-fwd"
         if provider == CEILING_PROVIDER:
-            weight = self.dense_weight()
-            return lambda: F.linear(self.x, weight, self.bias)
+            if self.int8:
+                raise Unavailable(NO_CEILING)
+            return lambda: F.linear(self.x, self.weight, self.bias)
         if provider == "peft":
             layer = self._peft()
             layer.train(training)
@@ -219,13 +220,6 @@ class LinearProblem(Problem):
                 self.x, self.weight, self.bias, self.lora_a, self.lora_b, self.scaling, p, training=training
             )
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-
-    def dense_weight(self) -> torch.Tensor:
-        if self.int8:
-            # A dense copy (4x the int8 bytes) that neither library holds; timed between their rounds it would evict
-            # their weights from the last-level cache (measured: the int8 M = 1 row moved from 1.15x to 0.90x).
-            raise Unavailable("the base GEMM ceiling is measured on the float-weight rows only")
-        return self.weight
 
     def _peft(self):
         """peft 0.21.2's LoRA layer around this problem's base weight, its A and B set to this problem's."""
@@ -312,7 +306,7 @@ class PrefixProblem(Problem):
         s = self.case.shape
         decode = self.case.mode == "decode"
         if provider == CEILING_PROVIDER:
-            self.dense_weight()  # raises Unavailable: prefix K/V has no base GEMM
+            raise Unavailable(f"{self.case.op} has no base GEMM (the ceiling row is for the LoRA linear ops)")
         encoder = self._encoder(provider)
         tokens = torch.arange(s.P, device=self.device)
         if provider == "peft":

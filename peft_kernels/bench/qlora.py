@@ -18,6 +18,7 @@ from .cases import Case, LinearShape
 from .providers import (
     BACKEND_PROVIDERS,
     CEILING_PROVIDER,
+    NO_CEILING,
     LinearProblem,
     Unavailable,
     _OneLinear,
@@ -45,7 +46,7 @@ class QLoraProblem(LinearProblem):
         p = self.case.shape.p
         training = self.case.mode != "no-grad-fwd"
         if provider == CEILING_PROVIDER:
-            raise Unavailable("the base GEMM ceiling is measured on the float-weight rows only")
+            raise Unavailable(NO_CEILING)
         if provider == "peft":
             layer = self._peft()
             layer.train(training)
