@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 import test_triton_aot as aot  # noqa: E402
 import triton  # noqa: E402
-from test_dropout_sass import MASK_KERNEL_ARGS, dropout_pairs, main_loop, mask_kernel_job, pool_map  # noqa: E402
+from test_dropout_sass import MASK_KERNEL_ARGS, dropout_pairs, mask_kernel_job, pool_map, sass_job  # noqa: E402
 
 from peft_kernels.backends.triton import _configs  # noqa: E402
 
@@ -68,12 +68,10 @@ def audit_variants() -> list:
 
 
 def _sass_job(v):
+    """``sass_job`` with its failure and wall time recorded, as ``aot._resources_job`` does."""
     start = time.perf_counter()
     try:
-        compiled = aot.compile_variant(v)
-        res = aot.ptxas_resources(compiled, v.cap)
-        res.update(main_loop(compiled.asm["sass"]))
-        return v, res, None, time.perf_counter() - start
+        return (*sass_job(v), None, time.perf_counter() - start)
     except Exception as exc:
         return v, None, f"{type(exc).__name__}: {str(exc)[:300]}", time.perf_counter() - start
 

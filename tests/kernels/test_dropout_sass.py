@@ -10,10 +10,7 @@ sm_80 and sm_90. ``benchmarks/kernel_resources.py --sass`` prints the same numbe
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import re
-import tempfile
 
 import pytest
 
@@ -101,13 +98,7 @@ def sass_job(v):
     return v, res
 
 
-def pool_map(fn, items, workers: int = 2):
-    ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="pk-sass-cache-") as cache:
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=aot._worker_init, initargs=(cache,)
-        ) as pool:
-            return list(pool.map(fn, items, chunksize=1))
+pool_map = aot.pool_map  # kernel_resources.py imports it from here
 
 
 def test_main_loop_parser_on_a_synthetic_listing():

@@ -328,13 +328,18 @@ def _resources_job(v: Variant):
 def compile_all(variants, workers: int | None = None):
     """[(variant, resources, error, seconds)] compiled in a spawn pool (one worker per core, at most 4) with a
     fresh Triton cache directory, so every kernel really goes through LLVM and ptxas in this run."""
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
-    ctx = multiprocessing.get_context("spawn")  # workers must not inherit a forked torch/triton state
+    return pool_map(_resources_job, variants, workers or max(1, min(4, os.cpu_count() or 1)))
+
+
+def pool_map(fn, items, workers: int = 2) -> list:
+    """[fn(item)] in a spawn pool (workers must not inherit a forked torch/triton state) sharing a fresh Triton
+    cache directory, so every kernel really goes through LLVM and ptxas in this run."""
+    ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="pk-aot-cache-") as cache:
         with concurrent.futures.ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(cache,)
         ) as pool:
-            return list(pool.map(_resources_job, variants, chunksize=1))
+            return list(pool.map(fn, items, chunksize=1))
 
 
 def test_declared_lists_are_well_formed():
