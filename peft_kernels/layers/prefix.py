@@ -7,10 +7,12 @@ Shapes (``L`` layers, ``B`` batch, ``Hkv`` key/value heads, ``P`` virtual tokens
     K_l, V_l    [B, Hkv, S, hd]           storage[l, 0], storage[l, 1]: transformers' cache layout
     valid rows  0 … n_l - 1               the prefix (0 … P-1), then the tokens appended so far
 
-Per forward: ``prefix_kv_buffers`` writes the prefix into every layer with ONE ``ops.prefix_kv_fill`` call
-(broadcast over B; its backward gives ``dprefix = Σ_b dK_l[b, :, :P]``), then each layer's ``KVBuffer.append``
-runs ``ops.kv_append`` (rows ``n … n+T-1``, in place) and returns the views ``K_l[:, :, :n+T]``, so no step
+Per forward without autograd (generation, evaluation): ``prefix_kv_buffers`` writes the prefix into every layer
+with ONE ``ops.prefix_kv_fill`` call (broadcast over B), then each layer's ``KVBuffer.append`` runs
+``ops.kv_append`` (rows ``n … n+T-1``, in place) and returns the views ``K_l[:, :, :n+T]``, so no decode step
 re-concatenates the cache (a ``DynamicCache`` ``torch.cat`` allocates and copies ``n+T`` rows per layer per step).
+A forward that records autograd appends once per layer: each buffer starts as a view of the broadcast prefix and
+that append is one ``torch.cat`` (``_borrowed_prefix_buffers``; the same bytes, no Python autograd per layer).
 
 On accelerators one allocation holds every layer, which keeps the fill a single launch (equal layer strides), and
 each ``K_l``/``V_l`` is taken from it with ``.data``; on the CPU every ``K_l`` and ``V_l`` is its own allocation (see
@@ -101,6 +103,15 @@ class KVBuffer:
                 # The first append sizes an unplanned buffer exactly; later ones (decoding past the plan) grow 1.5x.
                 grow = max(capacity // 2, _REGROW_MIN_ROWS) if self.appends > 0 else 0
                 capacity = max(need, capacity + grow)
+            if k.dtype != dtype or v.dtype != dtype:
+                k, v = k.to(dtype), v.to(dtype)
+            if capacity == need:
+                # The new buffer is exactly the old rows then the new ones: one concatenation writes it (one pass,
+                # autograd's own node), where a copy of the old rows then an append would be two ops. This is every
+                # layer of a forward that records autograd (see prefix_kv_buffers) and every first append of an
+                # unplanned cache.
+                self._concatenate(k, v, k.device)
+                return self.views()
             self._reallocate(capacity, dtype, k.device)
         if k.dtype != dtype or v.dtype != dtype:
             k, v = k.to(dtype), v.to(dtype)
@@ -151,6 +162,17 @@ class KVBuffer:
         self._exposed = True  # someone else holds these tensors: never write into them in place
 
     # -------------------------------------------------------------------- reallocation
+    def _concatenate(self, k: torch.Tensor, v: torch.Tensor, device: torch.device) -> None:
+        """Fresh buffers [old rows ; k] and [old rows ; v], exactly full (k, v already in the target dtype)."""
+        keys, values = self.views()
+        if keys.dtype != k.dtype or keys.device != device:
+            keys, values = keys.to(device=device, dtype=k.dtype), values.to(device=device, dtype=v.dtype)
+        self.k_buf = torch.cat((keys, k), 2)
+        self.v_buf = torch.cat((values, v), 2)
+        self.length = self._high_water = self.k_buf.shape[2]
+        self._exposed = False
+        self.appends += 1
+
     def _reallocate(self, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         keys, values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
         self._replace(keys.to(device=device, dtype=dtype), values.to(device=device, dtype=dtype), capacity)
@@ -180,6 +202,8 @@ def prefix_kv_buffers(
     Returns: L buffers with length P.
     """
     n_layers, _, heads, prefix_len, head_dim = prefix.shape
+    if prefix.requires_grad and torch.is_grad_enabled():
+        return _borrowed_prefix_buffers(prefix, batch_size, backend)
     rows = max(int(capacity or 0), prefix_len)
     if prefix.is_cpu:
         # Separate allocations per layer and per K/V on the CPU: a single buffer for all layers is usually above
@@ -199,3 +223,23 @@ def prefix_kv_buffers(
     # The checks of ops.prefix_kv_fill hold by construction (buffers made from the prefix's shape, dtype, device).
     fill_checked(prefix, k_bufs, v_bufs, backend)
     return [KVBuffer(k, v, prefix_len, backend) for k, v in zip(k_bufs, v_bufs)]
+
+
+def _borrowed_prefix_buffers(prefix: torch.Tensor, batch_size: int, backend: str | None) -> list[KVBuffer]:
+    """Buffers that start as views of the prefix broadcast over the batch (no copy, never written in place).
+
+    A forward that records autograd (training) appends to each layer once, so nothing is gained by preallocating:
+    each layer's append is then ``KVBuffer._concatenate``, one ``torch.cat`` writing the P + T rows once (the bytes
+    of the fill plus the append), with autograd's own backward node: dk = dK[:, :, P:] (a view), and
+    dprefix[l] = Σ_b dK_l[b, :, :P] from the expand. The prefill op and its append op would cost two Python
+    autograd Functions and two custom-op calls per layer for the same writes (docs/KERNELS.md §8).
+    """
+    # One unbind of [L·2, Hkv, P, hd] (a view of the prefix): one backward node stacks the 2L prefix gradients.
+    per_layer = prefix.flatten(0, 1).unbind(0)
+    shape = (batch_size, -1, -1, -1)
+    buffers = []
+    for keys, values in zip(per_layer[0::2], per_layer[1::2]):
+        buffer = KVBuffer(keys.unsqueeze(0).expand(shape), values.unsqueeze(0).expand(shape), keys.shape[1], backend)
+        buffer._exposed = True  # views of the prefix: the first append concatenates, never writes into them
+        buffers.append(buffer)
+    return buffers

@@ -14,7 +14,8 @@ Two cache paths, chosen by ``build_prefix_cache`` (``PEFT_KERNELS_PREFIX_CACHE``
 
 - ``fused`` (default) for decoder-only models and task heads (one transformer submodule, not Gemma-2/3/4):
   ``PrefixKVCache`` (``prefix_kv_cache.py``) preallocates [B, Hkv, P + T_max, hd] per layer, writes the prefix
-  with one ``ops.prefix_kv_write`` call and appends new K/V in place with ``ops.kv_append``;
+  with one ``ops.prefix_kv_fill`` call and appends new K/V in place with ``ops.kv_append``; a forward that
+  records autograd (one append per layer) concatenates each layer's prefix and new rows once instead;
 - ``dynamic``, and always for encoder-decoder models and Gemma-2/3/4 (the reference path): a transformers
   ``DynamicCache`` / ``EncoderDecoderCache`` holding the broadcast prefix, which ``torch.cat``s every update.
 """

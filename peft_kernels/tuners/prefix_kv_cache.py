@@ -1,8 +1,11 @@
 """``PrefixKVCache``: a transformers ``DynamicCache`` whose layers live in preallocated buffers (``layers/prefix.py``).
 
     cache = PrefixKVCache(prefix, batch_size=B, max_cache_len=P + T_max)   # prefix [L, 2, Hkv, P, hd]
-    # one prefix_kv_write call: K_l[:, :, :P] = prefix[l, 0], V_l[:, :, :P] = prefix[l, 1] for all l, b
+    # one prefix_kv_fill call: K_l[:, :, :P] = prefix[l, 0], V_l[:, :, :P] = prefix[l, 1] for all l, b
     keys, values = cache.update(k, v, layer_idx)      # kv_append at rows n … n+T-1 → views [:, :, :n+T]
+
+When autograd records and the prefix requires grad (a training forward), each layer instead starts as the
+broadcast prefix and its one update is a ``torch.cat`` (``layers/prefix.py``): the same rows written once.
 
 It answers transformers' cache protocol (``Cache`` / ``CacheLayerMixin`` of transformers 5.23 and 5.24) exactly as
 a ``DynamicCache`` holding the prefix does: ``get_seq_length`` = P + tokens seen, ``get_mask_sizes`` =

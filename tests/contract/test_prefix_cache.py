@@ -3,9 +3,9 @@
 Every check runs the same model twice, ``PEFT_KERNELS_PREFIX_CACHE=dynamic`` (the reference path: the broadcast prefix
 in a ``DynamicCache`` that ``torch.cat``s each update, itself checked against peft 0.21.2 and the hand-fed base model
 in test_prompt_learning.py) and ``fused`` (the default), and asks for the same outputs, gradients, generated ids and
-scores. Also: the prefix is written by ONE ``ops.prefix_kv_write`` call per forward, each layer's update is one
-``ops.kv_append``, nothing is reallocated when the planned length holds (training forward, ``generate``), and the
-cache protocol (crop, beam reorder, batch select/repeat, reset, growth past the plan, a second forward with
+scores. Also: without autograd (``generate``) the prefix is written by ONE ``ops.prefix_kv_fill`` call per forward,
+each layer's update is one ``ops.kv_append`` and nothing is reallocated when the planned length holds; a forward
+that records autograd concatenates each layer once (no fill, no append op); and the cache protocol (crop, beam reorder, batch select/repeat, reset, growth past the plan, a second forward with
 gradients on the same cache, dtype promotion) matches ``DynamicCache``. Runs on transformers 5.17, 5.23 and 5.24.
 """
 
@@ -47,13 +47,15 @@ def cache_mode(mode: str):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts prefix_kv_fill calls (and layers filled), kv_append calls and KVBuffer reallocations."""
-    counts = {"write": 0, "layers": 0, "append": 0, "realloc": 0, "rows": []}
-    real_write, real_append, real_append_checked, real_realloc = (
+    """Counts prefix_kv_fill calls (and layers filled), kv_append calls, KVBuffer reallocations and
+    concatenations (with the rows each wrote)."""
+    counts = {"write": 0, "layers": 0, "append": 0, "realloc": 0, "rows": [], "concat": 0, "concat_rows": []}
+    real_write, real_append, real_append_checked, real_realloc, real_concat = (
         layers_prefix.fill_checked,
         layers_prefix.kv_append,
         layers_prefix.append_checked,
         layers_prefix.KVBuffer._replace,
+        layers_prefix.KVBuffer._concatenate,
     )
 
     def write(prefix, k_bufs, v_bufs, backend):  # prefix_kv_buffers' route (its checks already made)
@@ -74,10 +76,16 @@ def calls(monkeypatch):
         counts["realloc"] += 1
         return real_realloc(self, *args)
 
+    def concat(self, *args):
+        counts["concat"] += 1
+        real_concat(self, *args)
+        counts["concat_rows"].append(self.k_buf.shape[2])
+
     monkeypatch.setattr(layers_prefix, "fill_checked", write)
     monkeypatch.setattr(layers_prefix, "kv_append", append)
     monkeypatch.setattr(layers_prefix, "append_checked", append_checked)
     monkeypatch.setattr(layers_prefix.KVBuffer, "_replace", realloc)
+    monkeypatch.setattr(layers_prefix.KVBuffer, "_concatenate", concat)
     return counts
 
 
@@ -141,10 +149,11 @@ def test_forward_and_grads_equal_the_dynamic_cache(calls, family, task, config):
     assert calls["write"] == 0
     with cache_mode("fused"):
         got, grads, out = run_forward(model, inputs)
-    # One prefix write for all L layers, one append per layer, planned P + T rows, no reallocation.
+    # A forward that records autograd: every layer starts as the broadcast prefix and its one append is one
+    # concatenation of P + T rows; no prefix write, no in-place append, no reallocation.
     num_layers = model.peft_config["default"].num_layers
-    assert (calls["write"], calls["layers"], calls["append"], calls["realloc"]) == (1, num_layers, num_layers, 0)
-    assert calls["rows"] == [NVT + length]
+    assert (calls["write"], calls["append"], calls["realloc"], calls["concat"]) == (0, 0, 0, num_layers)
+    assert calls["concat_rows"] == [NVT + length] * num_layers
     if task == "CAUSAL_LM":
         assert isinstance(out.past_key_values, PrefixKVCache)
         assert out.past_key_values.get_seq_length() == NVT + length
