@@ -7,8 +7,8 @@
 #     RESULTS=/tmp/rows benchmarks/cpu_tables.sh   # rows elsewhere (the committed CSVs untouched)
 #
 # Each step's output goes to a log file (LOG, default a mktemp file) and its wall time to stderr; the tables go to
-# stdout. Cost on a quiet 2-core box (THREADS=1, 2026-12-06): ops 122 s (d0beb60, 31 rounds), end to end 162 s and
-# prefix 356 s (c2206d3), so ~11 min of wall time; a loaded box takes two to three times that.
+# stdout. Cost on a quiet 2-core box (THREADS=1, 2026-12-06, ffe6310): ops 122 s (31 rounds), end to end 160 s and
+# prefix 345 s, so ~11 min of wall time; a loaded box takes two to three times that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
