@@ -148,6 +148,29 @@ def check_fill_bwd(tri, device, shape_id, dtype, layout):
     assert_close_to_ref(out, eager, truth, dtype, name=f"dprefix {shape_id} {layout}")
 
 
+def check_cache_on_a_model(device, dtype):
+    """A decoder forward without autograd (generate's prefill), then one decode step, on a PrefixKVCache whose
+    prefix fill and in-place appends run on the named backend (forced: Triton runs or raises): the Triton and the
+    reference backends give equal logits. A forward that records autograd concatenates instead (no backend op;
+    docs/KERNELS.md §7); the ops' gradients are checked by check_fill_bwd and tests/kernels/test_ops_prefix.py."""
+    from _models import make_model
+
+    from peft_kernels.tuners.prefix_kv_cache import PrefixKVCache
+
+    base = make_model("llama")[0].to(device, dtype)
+    prefix = torch.randn(2, 2, 2, 3, 8, device=device, dtype=dtype)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], device=device)
+    results = {}
+    for backend in ("triton", "reference"):
+        with torch.no_grad():
+            cache = PrefixKVCache(prefix, 2, max_cache_len=8, backend=backend)
+            logits = base(input_ids=ids, past_key_values=cache, attention_mask=torch.ones(2, 7, device=device)).logits
+            step = base(input_ids=ids[:, :1], past_key_values=cache, attention_mask=torch.ones(2, 8, device=device))
+        results[backend] = (logits, step.logits)
+    assert torch.equal(results["triton"][0], results["reference"][0])
+    assert torch.equal(results["triton"][1], results["reference"][1])
+
+
 if not INTERPRETING:
     triton = pytest.importorskip("triton")
 
@@ -270,24 +293,7 @@ if not INTERPRETING:
     @pytest.mark.gpu
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_gpu_cache_on_a_model(dtype):
-        from _models import make_model
-
-        from peft_kernels.ops import _dispatch
-        from peft_kernels.tuners.prefix_kv_cache import PrefixKVCache
-
-        base = make_model("llama")[0].to("cuda", dtype)
-        prefix = torch.randn(2, 2, 2, 3, 8, device="cuda", dtype=dtype, requires_grad=True)
-        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], device="cuda")
-        results = {}
-        for backend in ("triton", "reference"):
-            prefix.grad = None
-            cache = PrefixKVCache(prefix, 2, max_cache_len=7, backend=backend)
-            logits = base(input_ids=ids, past_key_values=cache, attention_mask=torch.ones(2, 7, device="cuda")).logits
-            with _dispatch.force_backend(backend):
-                logits.float().pow(2).mean().backward()
-            results[backend] = (logits.detach(), prefix.grad.clone())
-        assert torch.equal(results["triton"][0], results["reference"][0])
-        assert torch.equal(results["triton"][1], results["reference"][1])
+        check_cache_on_a_model("cuda", dtype)
 
 else:
     triton = pytest.importorskip("triton")
@@ -314,6 +320,10 @@ else:
     @pytest.mark.parametrize("layout", ["storage", "separate", "expanded"])
     def test_fill_bwd_matches_reference(layout, shape_id, dtype):
         check_fill_bwd(tri, "cpu", shape_id, dtype, layout)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_cache_on_a_model(dtype):
+        check_cache_on_a_model("cpu", dtype)
 
     @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
     def test_fill_bwd_rounds_to_nearest_even_like_torch():
@@ -375,9 +385,10 @@ else:
         assert all(torch.equal(a, b) for a, b in zip(got[2], expected[2]))
 
     def test_prefix_cache_with_the_triton_backend():
-        """PrefixKVCache(backend="triton") through a prefill with gradients and a decode past its planned rows:
-        every returned key/value bitwise equal to a DynamicCache holding the broadcast prefix, dprefix bitwise
-        equal to the reference backend's."""
+        """PrefixKVCache(backend="triton") through a prefill with gradients (one concatenation per layer, no
+        backend op) and a decode past its planned rows (in-place appends and regrowth on the named backend): every
+        returned key/value bitwise equal to a DynamicCache holding the broadcast prefix, and dprefix bitwise equal
+        to the DynamicCache's."""
         from transformers.cache_utils import DynamicCache
 
         from peft_kernels.tuners.prefix_kv_cache import PrefixKVCache
@@ -393,16 +404,22 @@ else:
         grads = {}
         for backend in ("triton", "reference"):
             prefix = prefix0.clone().requires_grad_(True)
+            dynamic_prefix = prefix0.clone().requires_grad_(True)
             cache = PrefixKVCache(prefix, batch, max_cache_len=prefix_len + 5, backend=backend)
-            dynamic = DynamicCache([(p[0].expand(batch, -1, -1, -1), p[1].expand(batch, -1, -1, -1)) for p in prefix0])
-            loss = 0
+            dynamic = DynamicCache(
+                [(p[0].expand(batch, -1, -1, -1), p[1].expand(batch, -1, -1, -1)) for p in dynamic_prefix]
+            )
+            loss = expected_loss = 0
             for layer, (k, v) in enumerate(prefill):
                 keys, values = cache.update(k, v, layer)
                 expected = dynamic.update(k, v, layer)
                 assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
                 loss = loss + (keys * weight).sum() + (values * weight).pow(2).sum()
+                expected_loss = expected_loss + (expected[0] * weight).sum() + (expected[1] * weight).pow(2).sum()
             with _dispatch.force_backend(backend):
                 loss.backward()
+            expected_loss.backward()
+            assert torch.equal(prefix.grad, dynamic_prefix.grad)
             grads[backend] = prefix.grad
             with torch.no_grad():
                 for step in decode:  # one row per step past the planned P + 5 rows: the buffers grow
