@@ -98,23 +98,21 @@ class KVBuffer:
         need = self.length + k_shape[2]
         # is_cpu first: comparing .device builds two torch.device objects (per layer and step, CPU the common case)
         moved = k.is_cpu != k_buf.is_cpu or (not k.is_cpu and k.device != k_buf.device)
+        if k.dtype != dtype or v.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
         if need > capacity or dtype != k_buf.dtype or moved or self._exposed:
             if need > capacity:
                 # The first append sizes an unplanned buffer exactly; later ones (decoding past the plan) grow 1.5x.
                 grow = max(capacity // 2, _REGROW_MIN_ROWS) if self.appends > 0 else 0
                 capacity = max(need, capacity + grow)
-            if k.dtype != dtype or v.dtype != dtype:
-                k, v = k.to(dtype), v.to(dtype)
             if capacity == need:
                 # The new buffer is exactly the old rows then the new ones: one concatenation writes it (one pass,
                 # autograd's own node), where a copy of the old rows then an append would be two ops. This is every
                 # layer of a forward that records autograd (see prefix_kv_buffers) and every first append of an
                 # unplanned cache.
-                self._concatenate(k, v, k.device)
+                self._concatenate(k, v)
                 return self.views()
             self._reallocate(capacity, dtype, k.device)
-        if k.dtype != dtype or v.dtype != dtype:
-            k, v = k.to(dtype), v.to(dtype)
         fresh = self.length >= self._high_water
         # The checks of ops.kv_append hold by construction here (shape checked above; dtype, device, rows made so).
         append_checked(self.k_buf, self.v_buf, k, v, self.length, self.backend, fresh)
@@ -162,11 +160,11 @@ class KVBuffer:
         self._exposed = True  # someone else holds these tensors: never write into them in place
 
     # -------------------------------------------------------------------- reallocation
-    def _concatenate(self, k: torch.Tensor, v: torch.Tensor, device: torch.device) -> None:
-        """Fresh buffers [old rows ; k] and [old rows ; v], exactly full (k, v already in the target dtype)."""
+    def _concatenate(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fresh buffers [old rows ; k] and [old rows ; v], exactly full, in k's dtype and on k's device."""
         keys, values = self.views()
-        if keys.dtype != k.dtype or keys.device != device:
-            keys, values = keys.to(device=device, dtype=k.dtype), values.to(device=device, dtype=v.dtype)
+        if keys.dtype != k.dtype or keys.device != k.device:
+            keys, values = keys.to(device=k.device, dtype=k.dtype), values.to(device=k.device, dtype=v.dtype)
         self.k_buf = torch.cat((keys, k), 2)
         self.v_buf = torch.cat((values, v), 2)
         self.length = self._high_water = self.k_buf.shape[2]

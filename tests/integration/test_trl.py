@@ -76,6 +76,9 @@ def args(config_cls, tmp_path, **kwargs):
     return config_cls(**{**defaults, **kwargs})
 
 
+PREFIX_CONCAT = "KVBuffer._concatenate"
+
+
 def train_profiled(trainer) -> dict[str, int]:
     """Trains; returns {profiler event name: count} over the whole run, plus under ``PREFIX_CONCAT`` the layers
     whose prefix cache was built by peft_kernels' training route (``KVBuffer._concatenate``, plain Python)."""
@@ -94,9 +97,6 @@ def train_profiled(trainer) -> dict[str, int]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             trainer.train()
     return {**{event.key: event.count for event in prof.key_averages()}, PREFIX_CONCAT: concatenations}
-
-
-PREFIX_CONCAT = "KVBuffer._concatenate"
 
 
 def assert_prefix_cache_every_step(model, counts):
