@@ -113,8 +113,9 @@ def test_bench_dispatch_rows_and_the_backend_function_is_restored():
     expected = {"reference", "dispatch.run", "op", "torch floor", "empty work", "dispatch.run, empty work"}
     expected |= {"op, empty work", "dispatcher overhead", "dispatcher overhead, empty work", "torch custom-op call"}
     expected |= {"torch custom-op call, empty work", "torch floor, empty work"}
+    expected |= {"inference op", "inference op - reference"}
     assert expected <= set(rows)
-    for name in ("reference", "op", "empty work", "dispatch.run, empty work"):
+    for name in ("reference", "op", "empty work", "dispatch.run, empty work", "inference op"):
         p50, p20, p80 = rows[name]
         assert 0 < p20 <= p50 <= p80 < 1e6, (name, rows[name])
 

@@ -35,6 +35,11 @@ SCHEMAS = {
     "lora_linear_fwd": "(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, Tensor[] lora_b, "
     "Tensor?[] lora_b_bias, float[] scaling, float[] dropout_p, Tensor? seeds, Tensor? weight_scale=None) "
     "-> (Tensor, Tensor[])",
+    # Inference with one adapter and no dropout (the per-token decode call): x (*, K) as given, y (*, N) only. Scalar
+    # and single-tensor arguments: on CPU each list argument costs the torch.ops boundary ~3-4 µs (measured). A
+    # backend without its own kernel runs it as lora_linear_fwd (ops/_dispatch.py DERIVED).
+    "lora_linear_inference": "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, "
+    "Tensor? lora_b_bias=None, Tensor? weight_scale=None) -> Tensor",
     "lora_linear_bwd": "(Tensor dy, Tensor x, Tensor weight, Tensor[] lora_a, Tensor[] lora_b, Tensor[] saved_s, "
     "float[] scaling, float[] dropout_p, Tensor? seeds, bool[] output_mask, Tensor? weight_scale=None) "
     "-> (Tensor?, Tensor[], Tensor[])",

@@ -7,6 +7,8 @@ median [p20, p80] over interleaved repetitions of ``--calls`` calls, in µs per 
     dispatch.run     ops/_dispatch.run("lora_linear_fwd", args): the body of the registered kernel (cached choice,
                      argument trimming, the work)
     op               torch.ops.peft_kernels.lora_linear_fwd (torch's custom-op call + dispatch.run)
+    inference op     torch.ops.peft_kernels.lora_linear_inference, the op a no-grad one-adapter call takes (scalar
+                     arguments, y only; its reference runs the same forward)
     torch floor      an op of the same schema in a scratch namespace whose kernel returns a ready result:
                      torch's own cost of calling a Python-kernel custom op with this argument list
 
@@ -25,6 +27,7 @@ All rows are timed in one interleaved set; each difference below is taken repeti
     torch floor, empty work           torch floor - empty work: the same cost measured on the scratch op, the check
     dispatcher overhead / torch custom-op call   the same with the work in (noisier: the matmul's spread)
     op - reference                    the whole price of the route
+    inference op - reference          the same for the inference form
 """
 
 from __future__ import annotations
@@ -91,6 +94,10 @@ def measure_dispatch(calls: int = 200, reps: int = 31, warmup: int = 3) -> dict[
     def through_run(*a):
         return _dispatch.run("lora_linear_fwd", a)
 
+    def inference_op(*_):
+        # The inference form a no-grad one-adapter call takes (ops/lora.py); its reference runs the same forward.
+        return torch.ops.peft_kernels.lora_linear_inference(x, w, None, a, b, 1.0)
+
     fns = {
         "reference": repeat(real),
         "dispatch.run": repeat(through_run),
@@ -99,6 +106,7 @@ def measure_dispatch(calls: int = 200, reps: int = 31, warmup: int = 3) -> dict[
         "empty work": repeat(empty_work),
         "dispatch.run, empty work": repeat(through_run, empty_work),
         "op, empty work": repeat(op, empty_work),
+        "inference op": repeat(inference_op),
     }
     with torch.no_grad():
         times = measure.interleaved_times(fns, torch.device("cpu"), reps, warmup)
@@ -114,6 +122,7 @@ def measure_dispatch(calls: int = 200, reps: int = 31, warmup: int = 3) -> dict[
         "torch custom-op call, empty work": ("op, empty work", "dispatch.run, empty work"),
         "torch floor, empty work": ("torch floor", "empty work"),
         "op - reference": ("op", "reference"),
+        "inference op - reference": ("inference op", "reference"),
     }
     for name, (slow, fast) in differences.items():
         rows[name] = measure.quantiles([s - f for s, f in zip(per_call[slow], per_call[fast])])

@@ -12,7 +12,6 @@ import functools
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
 from .. import ops
 
@@ -59,26 +58,16 @@ def add_grouped_updates(
 
 def linear_mixed_forward(layer, x: torch.Tensor, args, kwargs, adapter_names: Sequence[str]) -> torch.Tensor:
     """lora.Linear (nn.Linear or Conv1D base) on a mixed batch: one ``ops.lora_linear_mixed`` call, the base GEMM
-    and every sample's own low-rank update, where the layer's fused path applies (``Linear._fused_path_ok``: a
+    and every sample's own low-rank update, where the layer's fused path applies (``Linear._fused_operands``: a
     plain, hook-free base, adapters read directly); else, or with dropout training or autocast on, the grouped
     eager path of ``LoraLayer._mixed_batch_forward``."""
     adapters, row_adapter = row_adapter_for(adapter_names, layer.lora_A, x.device)
     base = layer.base_layer
-    dropout_trains = any(
-        isinstance(layer.lora_dropout[a], nn.Dropout) and layer.lora_dropout[a].training for a in adapters
-    )
-    if (
-        dropout_trains
-        or torch.is_autocast_enabled(x.device.type)
-        or not layer._fused_path_ok(base, list(adapters), args, kwargs)
-    ):
+    operands = None
+    if not (args or kwargs or torch.is_autocast_enabled(x.device.type)):
+        operands = layer._fused_operands(base, list(adapters))
+    if operands is None or operands[-1]:  # operands[-1]: an adapter's dropout trains
         result = base(x, *args, **kwargs)
         return add_grouped_updates(result, x, adapter_names, layer.lora_A, layer._eager_lora_update)
-    weight = base.weight.t() if layer.fan_in_fan_out else base.weight  # Conv1D stores (in, out)
-    lora_a = [layer.lora_A[a].weight for a in adapters]
-    lora_b = [layer.lora_B[a].weight for a in adapters]
-    lora_b_bias = [layer.lora_B[a].bias for a in adapters]
-    scales = [layer.scaling[a] for a in adapters]
-    return ops.lora_linear_mixed(
-        x, weight, base.bias, lora_a, lora_b, scales, row_adapter, lora_b_bias_list=lora_b_bias
-    )
+    weight, bias, lora_a, lora_b, lora_b_bias, scales, _, _ = operands
+    return ops.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, row_adapter, lora_b_bias_list=lora_b_bias)

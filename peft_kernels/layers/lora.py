@@ -196,8 +196,10 @@ class LoraLayer(BaseTunerLayer):
         The last branch is ``_lora_forward(x, active, args, kwargs)``: the fused op where it applies, else
         ``_eager_forward`` (PEFT's formula over the base layer's own forward).
         """
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
+        adapter_names = None
+        if kwargs:  # the checks read only keyword arguments (adapter_names)
+            self._check_forward_args(x, *args, **kwargs)
+            adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -220,49 +222,46 @@ class LoraLayer(BaseTunerLayer):
             result = result + self._eager_lora_update(x, adapter)
         return result.to(torch_result_dtype)
 
-    def _adapters_read_directly(self, active: list[str], layer_type: type) -> bool:
-        """Whether the op may read A and B weights without running their forward.
-
-        A wrapper that materializes weights in its forward (FSDP units, offload hooks, accelerate's
-        add_hook_to_module, which replaces ``forward``) would leave them sharded or stale: eager path then.
-        """
-        if not self.cast_input_dtype_enabled:  # the op casts; the uncast input must go through A's forward
-            return False
-        lora_a, lora_b = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
-        for adapter in active:
-            if isinstance(self.scaling[adapter], torch.Tensor):  # hotswap-prepared: float() would break compile
-                return False
-            for layer in (lora_a[adapter], lora_b[adapter]):
-                if type(layer) is not layer_type or layer._forward_pre_hooks or layer._forward_hooks:
-                    return False
-                if "forward" in layer.__dict__:
-                    return False
-        return True
-
     @staticmethod
     def _base_is_hooked(base_layer: nn.Module) -> bool:
         # accelerate's add_hook_to_module sets ``module._hf_hook``, a plain attribute: in __dict__ (hasattr would
         # fall through Module.__getattr__ and its AttributeError, ~4 µs per call when absent).
         return bool(base_layer._forward_hooks or base_layer._forward_pre_hooks or "_hf_hook" in base_layer.__dict__)
 
-    def _adapter_operands(self, active: list[str], flatten: bool = False):
-        """(lora_a, lora_b, lora_b_bias, scaling, dropout_p, training) of the active adapters, in the op's order.
+    def _direct_operands(self, active: list[str], layer_type: type, flatten: bool = False):
+        """(lora_a, lora_b, lora_b_bias, scaling, dropout_p, training) of the active adapters, in the op's order, read
+        straight from their parameters; None when an adapter must run its own forward instead.
+
+        Its own forward is needed when input casting is off (the op casts; the uncast input must go through A's
+        forward), for hotswap-prepared tensor scalings (float() would break compile), and for an A or B layer that
+        is not exactly ``layer_type`` or that a wrapper materializes in its forward (hooks, FSDP units, offload,
+        accelerate's add_hook_to_module, which replaces ``forward``): the op would read sharded or stale weights.
 
         One pass through the modules' own dicts: this runs per layer per token at decode, where each
         Module.__getattr__ (~2 µs on the CI box) is a visible part of the cost. ``flatten``: 1×1 conv adapters,
         their weights viewed (r, K) and (N, r)."""
+        if not self.cast_input_dtype_enabled:
+            return None
         modules = self._modules
         lora_a_dict, lora_b_dict = modules["lora_A"]._modules, modules["lora_B"]._modules
         dropout_dict, scaling = modules["lora_dropout"]._modules, self.scaling
         lora_a, lora_b, lora_b_bias, dropout_p, scales = [], [], [], [], []
         training = False
         for adapter in active:
+            scale = scaling[adapter]
+            if isinstance(scale, torch.Tensor):
+                return None
             a_layer, b_layer, dropout = lora_a_dict[adapter], lora_b_dict[adapter], dropout_dict[adapter]
+            for layer in (a_layer, b_layer):
+                if type(layer) is not layer_type or layer._forward_pre_hooks or layer._forward_hooks:
+                    return None
+                if "forward" in layer.__dict__:
+                    return None
             a_weight, b_weight = _parameter(a_layer, "weight"), _parameter(b_layer, "weight")
             lora_a.append(a_weight.flatten(1) if flatten else a_weight)
             lora_b.append(b_weight.flatten(1) if flatten else b_weight)
             lora_b_bias.append(_parameter(b_layer, "bias"))
-            scales.append(scaling[adapter])
+            scales.append(scale)
             if isinstance(dropout, nn.Dropout):
                 dropout_p.append(dropout.p)
                 training = training or dropout.training
@@ -270,14 +269,13 @@ class LoraLayer(BaseTunerLayer):
                 dropout_p.append(0.0)
         return lora_a, lora_b, lora_b_bias, scales, dropout_p, training
 
-    def _fused_linear(self, x, weight, bias, active: list[str], weight_scale=None, flatten: bool = False):
-        """``ops.lora_linear_multi`` over the active adapters (operands: ``_adapter_operands``, shared by every layer).
+    @staticmethod
+    def _fused_linear(x, weight, bias, lora_a, lora_b, lora_b_bias, scales, dropout_p, training, weight_scale=None):
+        """``ops.lora_linear_multi`` over operands from ``_direct_operands`` (shared by every layer type).
 
-        x: (*, K); weight: (N, K) (int8 with ``weight_scale`` (N,) fp32 for an int8 base); ``flatten``: the
-        adapters are 1×1 convs whose weights are viewed (r, K) and (N, r). Under autocast a float base runs as
-        autocast's F.linear / conv2d would: every operand in the autocast dtype.
+        x: (*, K); weight: (N, K) (int8 with ``weight_scale`` (N,) fp32 for an int8 base). Under autocast a float
+        base runs as autocast's F.linear / conv2d would: every operand in the autocast dtype.
         """
-        lora_a, lora_b, lora_b_bias, scales, dropout_p, training = self._adapter_operands(active, flatten)
         # _is_any_autocast_enabled first: one call (0.3 µs) where the per-device test also builds x.device (~3 µs).
         if weight_scale is None and torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -372,36 +370,33 @@ class Linear(nn.Module, LoraLayer):
         weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         return _low_rank_delta(weight_b, weight_a, self.scaling[adapter], self.fan_in_fan_out)
 
-    def _fused_path_ok(self, base_layer: nn.Module, active: list[str], args, kwargs) -> bool:
-        """The op computes exactly what the base layer's forward would: a plain, hook-free linear map."""
-        if args or kwargs:
-            return False
-        if type(base_layer) is not nn.Linear:
-            plain_conv1d = is_conv1d(base_layer) and type(base_layer).__name__ == "Conv1D"  # a subclass may differ
-            if not plain_conv1d:
-                return False
+    def _fused_operands(self, base_layer: nn.Module, active: list[str]):
+        """(weight (N, K), bias, *``_direct_operands``) when the op computes exactly what the base layer's forward
+        would: a plain, hook-free nn.Linear or GPT-2 Conv1D (not a subclass, which may differ), adapters read
+        directly; else None (PEFT's eager formula runs). Conv1D stores W as (in, out): its transposed view is the
+        (out, in) weight the op expects, no copy."""
+        base_type = type(base_layer)
+        if base_type is not nn.Linear and not (base_type.__name__ == "Conv1D" and is_conv1d(base_layer)):
+            return None
         if self._base_is_hooked(base_layer):
-            return False
-        return self._adapters_read_directly(active, nn.Linear)
+            return None
+        adapters = self._direct_operands(active, nn.Linear)
+        if adapters is None:
+            return None
+        weight = _parameter(base_layer, "weight")
+        return (weight.t() if self.fan_in_fan_out else weight, _parameter(base_layer, "bias"), *adapters)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._branch_forward(x, *args, **kwargs)
 
     def _lora_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
-        base_layer = self._modules["base_layer"]
-        if not self._fused_path_ok(base_layer, active, args, kwargs):
+        operands = None if args or kwargs else self._fused_operands(self._modules["base_layer"], active)
+        if operands is None:
             return self._eager_forward(x, active, args, kwargs)
-        return self._fused_forward(x, base_layer, active)
+        return self._fused_linear(x, *operands)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         return linear_mixed_forward(self, x, args, kwargs, adapter_names)
-
-    def _fused_forward(self, x: torch.Tensor, base_layer: nn.Module, active: list[str]) -> torch.Tensor:
-        # Conv1D stores W as (in, out); its transposed view is the (out, in) weight the op expects, no copy.
-        weight = _parameter(base_layer, "weight")
-        return self._fused_linear(
-            x, weight.t() if self.fan_in_fan_out else weight, _parameter(base_layer, "bias"), active
-        )
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

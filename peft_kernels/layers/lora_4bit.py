@@ -125,7 +125,8 @@ class Linear4bit(nn.Module, LoraLayer):
 
     def _lora_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
         base = self.base_layer
-        if args or kwargs or self._base_is_hooked(base) or not self._adapters_read_directly(active, nn.Linear):
+        adapters = None if args or kwargs or self._base_is_hooked(base) else self._direct_operands(active, nn.Linear)
+        if adapters is None:
             return self._eager_forward(x, active, args, kwargs)
         # bnb's Linear4bit computes in compute_dtype (set from the first input when unset) and returns x's dtype.
         compute_dtype = getattr(base, "compute_dtype", None)
@@ -133,7 +134,7 @@ class Linear4bit(nn.Module, LoraLayer):
             compute_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
         x_c = x.to(compute_dtype) if compute_dtype is not None else x
         bias = base.bias.to(x_c.dtype) if base.bias is not None else None
-        lora_a, lora_b, lora_b_bias, scales, dropout_p, training = self._adapter_operands(active)
+        lora_a, lora_b, lora_b_bias, scales, dropout_p, training = adapters
         y = ops.lora_linear_4bit_multi(
             x_c, self.quant_weight(), bias, lora_a, lora_b, lora_b_bias, scales, dropout_p, training=training
         )

@@ -165,25 +165,27 @@ class _ConvNd(nn.Module, LoraLayer):
                 base_layer.bias.data = new_bias.detach().to(base_layer.bias.dtype)
             self.merged_adapters.append(adapter)
 
-    def _pointwise_path_ok(self, x: torch.Tensor, base_layer: nn.Module, active: list[str], args, kwargs) -> bool:
-        """The op computes exactly what base + eager LoRA would: plain pointwise convs, no hooks, a batched input."""
+    def _pointwise_operands(self, x: torch.Tensor, base_layer: nn.Module, active: list[str], args, kwargs):
+        """``_direct_operands`` (1×1 weights viewed (r, C_in) and (C_out, r)) when the op computes exactly what base
+        + eager LoRA would: plain pointwise convs, no hooks, a batched input; else None."""
         if args or kwargs or x.dim() != self._kernel_dim:
-            return False
+            return None
         if type(base_layer) is not self._conv_cls or not _is_pointwise_conv(base_layer):
-            return False
+            return None
         if self._base_is_hooked(base_layer):
-            return False
-        return self._adapters_read_directly(active, self._conv_cls)
+            return None
+        return self._direct_operands(active, self._conv_cls, flatten=True)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._branch_forward(x, *args, **kwargs)
 
     def _lora_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
-        if self._pointwise_path_ok(x, self.base_layer, active, args, kwargs):
-            return self._pointwise_forward(x, self.base_layer, active)
-        return self._eager_forward(x, active, args, kwargs)
+        adapters = self._pointwise_operands(x, self.base_layer, active, args, kwargs)
+        if adapters is None:
+            return self._eager_forward(x, active, args, kwargs)
+        return self._pointwise_forward(x, self.base_layer, adapters)
 
-    def _pointwise_forward(self, x: torch.Tensor, base_layer: nn.Module, active: list[str]) -> torch.Tensor:
+    def _pointwise_forward(self, x: torch.Tensor, base_layer: nn.Module, adapters: tuple) -> torch.Tensor:
         """Pointwise conv as a GEMM: x (N, C_in, *S) → rows (N·∏S, C_in) → one fused op → (N, C_out, *S).
 
         Weights enter as views: W (C_out, C_in), A (r, C_in), B (C_out, r); gradients flow back through them.
@@ -196,7 +198,7 @@ class _ConvNd(nn.Module, LoraLayer):
         )
         rows = x.movedim(1, -1).reshape(-1, c_in)
         # Under autocast the convolution runs in the autocast dtype: _fused_linear casts every operand, as there.
-        y = self._fused_linear(rows, base_layer.weight.flatten(1), base_layer.bias, active, flatten=True)
+        y = self._fused_linear(rows, base_layer.weight.flatten(1), base_layer.bias, *adapters)
         y = y.view(n, *spatial, -1).movedim(-1, 1)
         return y if channels_last else y.contiguous()
 

@@ -83,17 +83,14 @@ class Linear8bitLt(nn.Module, LoraLayer):
     def _lora_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
         int8 = self.int8_weight()
         base = self.base_layer
-        if (
-            int8 is None
-            or args
-            or kwargs
-            or self._base_is_hooked(base)
-            or not self._adapters_read_directly(active, nn.Linear)
-        ):
+        adapters = None
+        if int8 is not None and not (args or kwargs or self._base_is_hooked(base)):
+            adapters = self._direct_operands(active, nn.Linear)
+        if adapters is None:
             return self._eager_forward(x, active, args, kwargs)
         weight_int8, weight_scale = int8
         bias = base.bias.to(x.dtype) if base.bias is not None else None
-        return self._fused_linear(x, weight_int8, bias, active, weight_scale=weight_scale)
+        return self._fused_linear(x, weight_int8, bias, *adapters, weight_scale=weight_scale)
 
     def _eager_forward(self, x: torch.Tensor, active: list[str], args, kwargs) -> torch.Tensor:
         """PEFT's int8 formula: each LoRA update is cast to the base output's dtype before it is added."""

@@ -40,6 +40,7 @@ ENV_VAR = "PEFT_KERNELS_BACKEND"
 # the prefix K/V copy kernels. Triton runs the GEMM-shaped LoRA work. The reference is last, always.
 PRIORITY: dict[str, tuple[str, ...]] = {
     "lora_linear_fwd": ("cuda", "triton", "reference"),
+    "lora_linear_inference": ("cuda", "triton", "reference"),  # the forward's one-adapter inference form
     "lora_linear_bwd": ("triton", "reference"),
     # Mixed-adapter batches (adapter_names=): one fused Triton kernel pair; forward only.
     "lora_linear_mixed": ("triton", "reference"),
@@ -54,6 +55,7 @@ PRIORITY: dict[str, tuple[str, ...]] = {
 SCOPE = {
     ("lora_linear_fwd", "cuda"): "decode only: M <= 16, fp16/bf16, one adapter, no dropout; dense or int8 weight",
     ("lora_linear_fwd", "triton"): "one adapter",
+    ("lora_linear_inference", "cuda"): "decode only: M <= 16, fp16/bf16; dense or int8 weight",
     ("lora_linear_bwd", "triton"): "one adapter",
 }
 # CPU tensors: the reference is the CPU path (see the module docstring).
@@ -62,6 +64,11 @@ CPU_PRIORITY = ("reference",)
 # Registered ops that are another op with its arguments rearranged (e.g. ``lora_linear_int8_fwd``, the int8
 # weight format of ``lora_linear_fwd``): name -> (op, function mapping the alias's arguments to the op's).
 ALIASES: dict[str, tuple[str, object]] = {}
+# Registered ops that a backend may implement or inherit: name -> (target op, translate, finish). A backend without
+# its own kernel for such an op runs the target's: ``translate(*args)`` gives the target's arguments (its capability
+# check decides on them), ``finish(args, result)`` the op's result from the target's. So a leaner schema for a hot
+# call (``lora_linear_inference``) costs the backends nothing.
+DERIVED: dict[str, tuple[str, object, object]] = {}
 
 _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("peft_kernels_backend", default=None)
 _packages: dict[str, object] = {}
@@ -107,13 +114,42 @@ def unavailable_reason(name: str) -> str | None:
 
 
 def _module(name: str, op_name: str):
-    """The module of backend ``name`` that implements ``op_name`` (None: the backend has no such kernel)."""
+    """The module of backend ``name`` that implements ``op_name``, a ``_Derived`` one for an op it inherits from its
+    target (``DERIVED``), or None (the backend has no such kernel)."""
     key = (name, op_name)
     if key not in _implementations:
         module_name = _package(name).IMPLEMENTATIONS.get(op_name)
-        module = importlib.import_module(f"peft_kernels.backends.{name}.{module_name}") if module_name else None
+        if module_name:
+            module = importlib.import_module(f"peft_kernels.backends.{name}.{module_name}")
+        elif op_name in DERIVED and (target_module := _module(name, DERIVED[op_name][0])) is not None:
+            module = _Derived(op_name, target_module)
+        else:
+            module = None
         _implementations[key] = module
     return _implementations[key]
+
+
+def _has_kernel(package, op_name: str) -> bool:
+    """Whether a backend package implements ``op_name`` or inherits it (``DERIVED``), without importing it."""
+    target = DERIVED.get(op_name, (None,))[0]
+    return op_name in package.IMPLEMENTATIONS or target in package.IMPLEMENTATIONS
+
+
+class _Derived:
+    """A backend's implementation of a ``DERIVED`` op: its target op's function and capability check, on the
+    translated call. The target function is looked up at call time (a test's monkeypatch of it is honoured)."""
+
+    def __init__(self, op_name: str, target_module) -> None:
+        target, translate, finish = DERIVED[op_name]
+
+        def run(*args):
+            return finish(args, getattr(target_module, target)(*positional(target, translate(*args))))
+
+        def not_supported_reasons(_op_name: str, *args) -> list[str]:
+            return list(target_module.not_supported_reasons(target, *translate(*args)))
+
+        setattr(self, op_name, run)
+        self.not_supported_reasons = not_supported_reasons
 
 
 def implementation(name: str, op_name: str):
@@ -298,7 +334,7 @@ def backend_table() -> list[tuple[str, str, list[tuple[str, str]]]]:
             for name in priority(op_name, device_type):
                 reason = unavailable_reason(name)
                 package = _package(name)
-                if package is not None and op_name not in package.IMPLEMENTATIONS:
+                if package is not None and not _has_kernel(package, op_name):
                     status = "no kernel"
                 else:
                     status = "available" if reason is None else f"unavailable: {reason}"

@@ -7,6 +7,11 @@ Route (the same on every device)::
       → torch.ops.peft_kernels.lora_linear_fwd / lora_linear_bwd                           (schema: backends/)
       → ops/_dispatch.run: the cached choice of the op's table → backends/<name>/lora.py
 
+A call that needs no autograd, with one adapter and no dropout (every decode step), takes the op's inference form
+instead: ``torch.ops.peft_kernels.lora_linear_inference`` (scalar arguments, x (*, K) as given, y only). On CPU
+each list argument and each reshape costs the call a few µs (docs/KERNELS.md §8); a backend without its own
+kernel for it runs ``lora_linear_fwd`` on the translated call (``_dispatch.DERIVED``).
+
 The base weight is ``weight`` plus an optional ``weight_scale``: a float weight, or int8 with per-row fp32 scales
 (W8A16); ``peft_kernels/formats.py`` owns the formats and says how a new one (4-bit NF4/FP4) plugs in: a
 ``dequantize_*`` there, the reference through it, the kernels' checks; this module, the Function and the
@@ -29,17 +34,21 @@ from ._library import define_alias, define_op
 _TENSORS_PER_ADAPTER = 3
 
 
+def _check_weight_fake(x, weight, weight_scale) -> None:
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1], lambda: "weight must be (N, K)")
+    if weight_scale is not None:
+        torch._check(weight.dtype == torch.int8, lambda: f"weight_int8 must be int8, got {weight.dtype}")
+        torch._check(
+            weight_scale.dtype == torch.float32 and tuple(weight_scale.shape) == (weight.shape[0],),
+            lambda: f"weight_scale must be fp32 ({weight.shape[0]},), got {tuple(weight_scale.shape)}",
+        )
+
+
 def _fwd_fake(*args, **kwargs):
     call = bind("lora_linear_fwd", args)._replace(**kwargs)
     x, weight = call.x, call.weight
     torch._check(x.dim() == 2, lambda: f"x must be 2-D (M, K), got {tuple(x.shape)}")
-    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1], lambda: "weight must be (N, K)")
-    if call.weight_scale is not None:
-        torch._check(weight.dtype == torch.int8, lambda: f"weight_int8 must be int8, got {weight.dtype}")
-        torch._check(
-            call.weight_scale.dtype == torch.float32 and tuple(call.weight_scale.shape) == (weight.shape[0],),
-            lambda: f"weight_scale must be fp32 ({weight.shape[0]},), got {tuple(call.weight_scale.shape)}",
-        )
+    _check_weight_fake(x, weight, call.weight_scale)
     n = len(call.lora_a)
     torch._check(
         len(call.lora_b) == n and len(call.scaling) == n and len(call.dropout_p) == n, lambda: "adapter list lengths"
@@ -68,8 +77,29 @@ def _bwd_fake(*args, **kwargs):
     return dx, d_a, d_b
 
 
+def _inference_fake(*args, **kwargs):
+    call = bind("lora_linear_inference", args)._replace(**kwargs)
+    _check_weight_fake(call.x, call.weight, call.weight_scale)
+    return call.x.new_empty((*call.x.shape[:-1], call.weight.shape[0]))
+
+
+def _inference_as_fwd(x, weight, bias, lora_a, lora_b, scaling, lora_b_bias=None, weight_scale=None) -> tuple:
+    """A ``lora_linear_inference`` call as the ``lora_linear_fwd`` call it is: x flattened to (M, K), one adapter,
+    p = 0 (for backends without their own kernel: ``_dispatch.DERIVED``)."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2d, weight, bias, [lora_a], [lora_b], [lora_b_bias], [scaling], [0.0], None, weight_scale
+
+
+def _inference_result(args: tuple, result) -> torch.Tensor:
+    """``lora_linear_fwd``'s (y (M, N), saved) → y (*, N), the leading shape of the inference call's x."""
+    x, y = args[0], result[0]
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
 define_op("lora_linear_fwd", _fwd_fake)
+define_op("lora_linear_inference", _inference_fake)
 define_op("lora_linear_bwd", _bwd_fake)
+_dispatch.DERIVED["lora_linear_inference"] = ("lora_linear_fwd", _inference_as_fwd, _inference_result)
 define_alias(
     "lora_linear_int8_fwd",
     "lora_linear_fwd",
@@ -200,11 +230,18 @@ def lora_linear_multi(
     _check_shapes(x, weight, bias, lora_a, lora_b, dropout_p)
     if weight_scale is not None and (error := weight_format_error(weight, weight_scale)) is not None:
         raise ValueError(error)
-    flat = x.dim() == 2
-    x2d = x if flat else x.reshape(-1, x.shape[-1])
     p_eff, seeds = _dropout_args(dropout_p, training, x.device)
     scaling = [float(s) for s in scaling]
-    if _needs_autograd(x, weight, bias, *lora_a, *lora_b, *lora_b_bias):
+    needs_autograd = _needs_autograd(x, weight, bias, *lora_a, *lora_b, *lora_b_bias)
+    if not needs_autograd and len(lora_a) == 1 and p_eff[0] == 0.0:
+        # Inference with one adapter (every decode step): the lean op, on x as given (*, K).
+        return _dispatch.run_with_backend(
+            backend, torch.ops.peft_kernels.lora_linear_inference,
+            x, weight, bias, lora_a[0], lora_b[0], scaling[0], lora_b_bias[0], weight_scale,
+        )  # fmt: skip
+    flat = x.dim() == 2
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
+    if needs_autograd:
         adapter_tensors = []
         for a, b, bb in zip(lora_a, lora_b, lora_b_bias):
             adapter_tensors += [a, b, bb]
