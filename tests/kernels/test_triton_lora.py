@@ -233,6 +233,31 @@ else:
             assert_close_to_ref(g_k[key], g_e[key], g_t[key], dtype, name=f"{name}:d{key}")
         assert (g_k["x"] is None) == (not x_grad)
 
+    @pytest.mark.parametrize("lead, strided, dtype", [((2, 9), False, torch.bfloat16), ((3, 5), True, torch.float32)])
+    def test_inference_form_runs_the_triton_forward(lead, strided, dtype, monkeypatch):
+        """A no-grad one-adapter call takes lora_linear_inference; Triton has no kernel of its own for it, so the
+        dispatcher runs tri.lora_linear_fwd on the flattened call (_dispatch.DERIVED) and reshapes y back."""
+        calls = []
+        real_fwd = tri.lora_linear_fwd
+        monkeypatch.setattr(tri, "lora_linear_fwd", lambda *args: calls.append(args[0].shape) or real_fwd(*args))
+        K, N, r = 33, 40, 8
+        gen = torch.Generator().manual_seed(6)
+        x64 = torch.randn(*lead, 2 * K if strided else K, generator=gen, dtype=torch.float64)
+        w64 = torch.randn(N, K, generator=gen, dtype=torch.float64) / K**0.5
+        b64 = torch.randn(N, generator=gen, dtype=torch.float64)
+        a64 = torch.randn(r, K, generator=gen, dtype=torch.float64) / K**0.5
+        bb64 = torch.randn(N, r, generator=gen, dtype=torch.float64) / 2
+
+        def call(backend, dt):
+            x = x64.to(dt)[..., ::2] if strided else x64.to(dt)
+            with torch.no_grad():
+                return ops.lora_linear(x, w64.to(dt), b64.to(dt), a64.to(dt), bb64.to(dt), 2.0, 0.1, backend=backend)
+
+        y_k = call("triton", dtype)
+        assert calls == [(lead[0] * lead[1], K)], calls
+        assert y_k.shape == (*lead, N) and y_k.dtype == dtype
+        assert_close_to_ref(y_k, call("reference", dtype), call("reference", truth_dtype(dtype)), dtype, "y")
+
     # ------------------------------------------------------------------------------------------------------
     # Dropout mask
     # ------------------------------------------------------------------------------------------------------
