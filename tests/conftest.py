@@ -35,6 +35,24 @@ def one_thread_quiet():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    """Every backend available, every tensor seen as a CUDA tensor, the CUDA decode checks' device test passed and
+    Triton's device test skipped (as under the interpreter): what is left are the real shape/dtype checks."""
+    from peft_kernels.ops import _dispatch
+
+    tri = pytest.importorskip("peft_kernels.backends.triton.lora")
+    from peft_kernels.backends.cuda import lora as cuda_lora
+
+    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda name: None)
+    monkeypatch.setattr(_dispatch, "_device_type", lambda args: "cuda")
+    monkeypatch.setattr(cuda_lora, "device_reasons", lambda anchor, **tensors: [])
+    monkeypatch.setattr(tri, "interpreting", lambda: True)
+    _dispatch.clear_choices()
+    yield
+    _dispatch.clear_choices()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

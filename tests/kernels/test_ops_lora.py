@@ -307,22 +307,6 @@ def test_ops_lora_linear_autograd_cuda_matches_reference(monkeypatch):
 # ---- automatic choice on CUDA tensors (capabilities monkeypatched: no GPU needed) ------------------------------
 
 
-@pytest.fixture
-def pretend_cuda(monkeypatch):
-    """Every backend available, every tensor seen as a CUDA tensor, the CUDA decode checks' device test passed and
-    Triton's device test skipped (as under the interpreter): what is left are the real shape/dtype checks."""
-    tri = pytest.importorskip("peft_kernels.backends.triton.lora")
-    from peft_kernels.backends.cuda import lora as cuda_lora
-
-    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda name: None)
-    monkeypatch.setattr(_dispatch, "_device_type", lambda args: "cuda")
-    monkeypatch.setattr(cuda_lora, "device_reasons", lambda anchor, **tensors: [])
-    monkeypatch.setattr(tri, "interpreting", lambda: True)
-    _dispatch.clear_choices()
-    yield
-    _dispatch.clear_choices()
-
-
 @pytest.mark.parametrize(
     "m, p, expected", [(1, 0.0, "cuda"), (16, 0.0, "cuda"), (17, 0.0, "triton"), (1, 0.1, "triton")]
 )

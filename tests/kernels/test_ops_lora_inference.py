@@ -139,22 +139,10 @@ def test_derived_op_is_listed_where_the_target_has_a_kernel():
 
 
 @pytest.mark.parametrize("m, expected", [(1, "cuda"), (16, "cuda"), (17, "triton")])
-def test_cuda_tensors_decode_rows_of_the_inference_form_go_to_the_cuda_op(monkeypatch, m, expected):
+def test_cuda_tensors_decode_rows_of_the_inference_form_go_to_the_cuda_op(pretend_cuda, m, expected):
     """The same choice as lora_linear_fwd's (tests/kernels/test_ops_lora.py): decode rows to the CUDA GEMV, larger
-    M to Triton, each through its lora_linear_fwd check on the flattened call. Capabilities monkeypatched as
-    there: every backend available, tensors seen as CUDA tensors, device tests passed."""
-    tri = pytest.importorskip("peft_kernels.backends.triton.lora")
-    from peft_kernels.backends.cuda import lora as cuda_lora
-
-    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda name: None)
-    monkeypatch.setattr(_dispatch, "_device_type", lambda args: "cuda")
-    monkeypatch.setattr(cuda_lora, "device_reasons", lambda anchor, **tensors: [])
-    monkeypatch.setattr(tri, "interpreting", lambda: True)
-    _dispatch.clear_choices()
-    try:
-        x = torch.randn(m, 1, 64, dtype=torch.bfloat16)  # (*, K): flattened to (m, 64) for the checks
-        w = torch.randn(32, 64, dtype=torch.bfloat16)
-        a, b = torch.randn(8, 64, dtype=torch.bfloat16), torch.randn(32, 8, dtype=torch.bfloat16)
-        assert _dispatch.chosen_backend("lora_linear_inference", x, w, None, a, b, 1.0) == expected
-    finally:
-        _dispatch.clear_choices()
+    M to Triton, each through its lora_linear_fwd check on the flattened call."""
+    x = torch.randn(m, 1, 64, dtype=torch.bfloat16)  # (*, K): flattened to (m, 64) for the checks
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    a, b = torch.randn(8, 64, dtype=torch.bfloat16), torch.randn(32, 8, dtype=torch.bfloat16)
+    assert _dispatch.chosen_backend("lora_linear_inference", x, w, None, a, b, 1.0) == expected
