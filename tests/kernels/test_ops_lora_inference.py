@@ -18,7 +18,7 @@ from peft_kernels.backends.reference import lora as ref
 from peft_kernels.ops import _dispatch
 
 # (leading shape of x, K, N, r, dtype, adapter dtype, bias, lora_bias). M = prod(leading); the reference unfuses
-# only N-D inputs of at most INFERENCE_ND_ROWS_MAX rows whose dtypes all equal their accumulator (fp32 / fp64).
+# only N-D inputs of at most DECODE_TOKENS_MAX rows whose dtypes all equal their accumulator (fp32 / fp64).
 CASES = {
     "3d-decode-fp32": ((5, 1), 59, 97, 8, torch.float32, torch.float32, True, False),
     "4d-fp64-lorabias": ((2, 3, 2), 33, 17, 17, torch.float64, torch.float64, True, True),
