@@ -66,8 +66,8 @@ def linear_mixed_forward(layer, x: torch.Tensor, args, kwargs, adapter_names: Se
     operands = None
     if not (args or kwargs or torch.is_autocast_enabled(x.device.type)):
         operands = layer._fused_operands(base, list(adapters))
-    if operands is None or operands[-1]:  # operands[-1]: an adapter's dropout trains
+    if operands is None or operands[-1]:  # the last operand: whether an adapter's dropout trains
         result = base(x, *args, **kwargs)
         return add_grouped_updates(result, x, adapter_names, layer.lora_A, layer._eager_lora_update)
-    weight, bias, lora_a, lora_b, lora_b_bias, scales, _, _ = operands
+    weight, bias, lora_a, lora_b, lora_b_bias, scales, _dropout_p, _training = operands
     return ops.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, row_adapter, lora_b_bias_list=lora_b_bias)

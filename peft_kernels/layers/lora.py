@@ -255,7 +255,7 @@ class LoraLayer(BaseTunerLayer):
             for layer in (a_layer, b_layer):
                 if type(layer) is not layer_type or layer._forward_pre_hooks or layer._forward_hooks:
                     return None
-                if "forward" in layer.__dict__:
+                if "forward" in layer.__dict__:  # accelerate's add_hook_to_module replaces forward
                     return None
             a_weight, b_weight = _parameter(a_layer, "weight"), _parameter(b_layer, "weight")
             lora_a.append(a_weight.flatten(1) if flatten else a_weight)

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..backends import bind
+from ..backends.reference.lora import inference_as_forward, inference_output
 from ..formats import weight_format_error
 from . import _dispatch
 from ._library import define_alias, define_op
@@ -83,23 +84,10 @@ def _inference_fake(*args, **kwargs):
     return call.x.new_empty((*call.x.shape[:-1], call.weight.shape[0]))
 
 
-def _inference_as_fwd(x, weight, bias, lora_a, lora_b, scaling, lora_b_bias=None, weight_scale=None) -> tuple:
-    """A ``lora_linear_inference`` call as the ``lora_linear_fwd`` call it is: x flattened to (M, K), one adapter,
-    p = 0 (for backends without their own kernel: ``_dispatch.DERIVED``)."""
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    return x2d, weight, bias, [lora_a], [lora_b], [lora_b_bias], [scaling], [0.0], None, weight_scale
-
-
-def _inference_result(args: tuple, result) -> torch.Tensor:
-    """``lora_linear_fwd``'s (y (M, N), saved) → y (*, N), the leading shape of the inference call's x."""
-    x, y = args[0], result[0]
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-
-
 define_op("lora_linear_fwd", _fwd_fake)
 define_op("lora_linear_inference", _inference_fake)
 define_op("lora_linear_bwd", _bwd_fake)
-_dispatch.DERIVED["lora_linear_inference"] = ("lora_linear_fwd", _inference_as_fwd, _inference_result)
+_dispatch.DERIVED["lora_linear_inference"] = ("lora_linear_fwd", inference_as_forward, inference_output)
 define_alias(
     "lora_linear_int8_fwd",
     "lora_linear_fwd",

@@ -192,17 +192,26 @@ def lora_linear_inference(
         and x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype == _acc_dtype(x.dtype)
     ):
         # A decode-sized N-D input as it is: three F.linear and one add. On CPU the two reshapes the 2-D form needs
-        # cost about what a small GEMM call does, more than the few-KB (M, N) temporary of the unfused add: 1.11x at
-        # M = 1, 1.01x at M = 8, 0.98-0.99x from M = 64 on (K = N = 768, one thread, measured). fp32 / fp64
-        # throughout: S needs no wider accumulator, so the unfused chain is the same formula.
+        # cost about what a small GEMM call does, more than the few-KB (M, N) temporary of the unfused add; from
+        # M = 64 on flattening is faster (measured, docs/KERNELS.md §8). fp32 / fp64 throughout: S needs no wider
+        # accumulator, so the unfused chain is the same formula.
         update = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b, lora_b_bias)
         return torch.nn.functional.linear(x, weight, bias).add_(update, alpha=scaling)
-    flat = x.dim() == 2
-    y, _ = lora_linear_fwd(
-        x if flat else x.reshape(-1, n_in), weight, bias, [lora_a], [lora_b], [lora_b_bias], [scaling], [0.0], None,
-        weight_scale,
-    )  # fmt: skip
-    return y if flat else y.view(*x.shape[:-1], y.shape[-1])
+    args = (x, weight, bias, lora_a, lora_b, scaling, lora_b_bias, weight_scale)
+    return inference_output(args, lora_linear_fwd(*inference_as_forward(*args)))
+
+
+def inference_as_forward(x, weight, bias, lora_a, lora_b, scaling, lora_b_bias=None, weight_scale=None) -> tuple:
+    """The ``lora_linear_fwd`` call a ``lora_linear_inference`` call is: x flattened to (M, K), one adapter, p = 0.
+    Backends without their own inference kernel run it this way (ops/_dispatch.py ``DERIVED``)."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2d, weight, bias, [lora_a], [lora_b], [lora_b_bias], [scaling], [0.0], None, weight_scale
+
+
+def inference_output(args: tuple, forward_result) -> torch.Tensor:
+    """``lora_linear_fwd``'s (y (M, N), saved) → y (*, N), the leading shape of the inference call's x (args[0])."""
+    x, y = args[0], forward_result[0]
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def add_lora_fwd(
